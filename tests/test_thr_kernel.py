@@ -1,0 +1,214 @@
+"""`compute_thr` against a slow, obvious float64 double sum over token pairs (THR.md §2-3)."""
+
+import math
+
+import pytest
+import torch
+
+from trl_thr.thr import compute_thr, transform_logits
+
+
+def reference_thr(
+    hidden,
+    ids,
+    mask,
+    weight,
+    advantages,
+    num_generations,
+    *,
+    temperature=1.0,
+    vocab="sampled",
+    include_self=True,
+    positive=None,
+    bias=None,
+    logit_scale=1.0,
+    logit_softcap=None,
+):
+    """THR_{j,t} = sign(A_j) sum_{i in P} 1/|y_i| sum_k alpha((i,k),(j,t)) <h_ik, h_jt>, alpha spelled out."""
+    hidden, weight = hidden.double(), weight.double()
+    logits = hidden @ weight.T + (0 if bias is None else bias.double())
+    probs = torch.softmax(transform_logits(logits, temperature=temperature, logit_scale=logit_scale,
+                                           logit_softcap=logit_softcap), dim=-1)
+    batch, length = ids.shape
+    out = torch.zeros(batch, length, dtype=torch.float64)
+    tokens = lambda row: [t for t in range(length) if mask[row, t]]  # noqa: E731
+    for start in range(0, batch, num_generations):
+        rows = range(start, start + num_generations)
+        is_positive = lambda r: bool(advantages[r] > 0 if positive is None else positive[r])  # noqa: E731
+        pos = [r for r in rows if is_positive(r) and tokens(r)]
+        if not pos or all(advantages[r] == 0 for r in rows):
+            continue
+        if vocab == "sampled":
+            kept = sorted({int(ids[r, t]) for r in rows for t in tokens(r)})
+        else:
+            kept = list(range(weight.size(0)))
+        kept = torch.tensor(kept)
+        for j in rows:
+            for t in tokens(j):
+                total = 0.0
+                for i in pos:
+                    if not include_self and i == j:
+                        continue
+                    for k in tokens(i):
+                        y_ik, y_jt = int(ids[i, k]), int(ids[j, t])
+                        pi_ik, pi_jt = probs[i, k], probs[j, t]
+                        alpha = float(y_ik == y_jt)
+                        alpha -= pi_jt[y_ik] if y_ik in kept else 0.0
+                        alpha -= pi_ik[y_jt] if y_jt in kept else 0.0
+                        alpha += (pi_ik[kept] * pi_jt[kept]).sum()
+                        total += alpha * (hidden[i, k] @ hidden[j, t]) / len(tokens(i))
+                out[j, t] = math.copysign(1.0, advantages[j]) * total if advantages[j] != 0 else 0.0
+    return out
+
+
+def make_batch(seed, batch, length, hidden_size, vocab_size, num_generations, ragged=True):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, hidden_size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab_size, hidden_size, generator=gen, dtype=torch.float64) / math.sqrt(hidden_size)
+    # A small id range makes tokens repeat across completions, so the 1[y = y'] term is exercised.
+    ids = torch.randint(0, min(vocab_size, 7), (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if ragged:
+        lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    rewards = torch.randint(0, 2, (batch,), generator=gen).double()
+    grouped = rewards.view(-1, num_generations)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+    return hidden, ids, mask, weight, advantages
+
+
+def true_logprobs(hidden, ids, weight, temperature=1.0, bias=None):
+    logits = transform_logits(hidden @ weight.T + (0 if bias is None else bias), temperature=temperature)
+    return torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("vocab", ["sampled", "full"])
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize(
+    "seed,batch,length,hidden_size,vocab_size,num_generations,temperature",
+    [(0, 4, 5, 3, 11, 2, 1.0), (1, 6, 4, 5, 9, 3, 0.7), (2, 8, 3, 4, 13, 4, 1.3)],
+)
+def test_matches_reference(seed, batch, length, hidden_size, vocab_size, num_generations, temperature, vocab,
+                           include_self):
+    hidden, ids, mask, weight, advantages = make_batch(seed, batch, length, hidden_size, vocab_size, num_generations)
+    expected = reference_thr(hidden, ids, mask, weight, advantages, num_generations, temperature=temperature,
+                             vocab=vocab, include_self=include_self)
+    assert expected.abs().sum() > 0, "degenerate case: no active group"
+    for logprobs in (None, true_logprobs(hidden, ids, weight, temperature)):
+        got = compute_thr(hidden, ids, mask, weight, advantages, num_generations, temperature=temperature,
+                          vocab=vocab, include_self=include_self, token_logprobs=logprobs)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_float32_inputs_give_float32_close_to_reference():
+    hidden, ids, mask, weight, advantages = make_batch(3, 6, 6, 8, 17, 3)
+    expected = reference_thr(hidden, ids, mask, weight, advantages, 3)
+    got = compute_thr(hidden.float(), ids, mask, weight.float(), advantages.float(), 3)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bias_scale_and_softcap_match_reference():
+    hidden, ids, mask, weight, advantages = make_batch(4, 4, 5, 4, 10, 2)
+    bias = torch.randn(10, dtype=torch.float64)
+    kwargs = dict(temperature=0.8, logit_scale=2.5, logit_softcap=3.0)
+    expected = reference_thr(hidden, ids, mask, weight, advantages, 2, bias=bias, **kwargs)
+    for vocab in ("sampled", "full"):
+        got = compute_thr(hidden, ids, mask, weight, advantages, 2, lm_head_bias=bias, vocab=vocab, **kwargs)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_small_blocks_give_the_same_values():
+    """Chunking over tokens and vocabulary is an implementation detail: results must not depend on it."""
+    hidden, ids, mask, weight, advantages = make_batch(5, 6, 7, 4, 23, 3)
+    for vocab in ("sampled", "full"):
+        whole = compute_thr(hidden, ids, mask, weight, advantages, 3, vocab=vocab)
+        for block in (1, 3, 16):
+            tiny = compute_thr(hidden, ids, mask, weight, advantages, 3, vocab=vocab, block_elements=block)
+            torch.testing.assert_close(tiny, whole, rtol=1e-10, atol=1e-12)
+
+
+def test_groups_with_equal_rewards_or_no_positive_are_zero():
+    hidden, ids, mask, weight, _ = make_batch(6, 6, 4, 3, 9, 3, ragged=False)
+    advantages = torch.tensor([0.0, 0.0, 0.0, -1.0, -1.0, -1.0], dtype=torch.float64)  # equal / all negative
+    assert compute_thr(hidden, ids, mask, weight, advantages, 3).abs().sum() == 0
+
+
+def test_single_positive_completion():
+    hidden, ids, mask, weight, _ = make_batch(7, 4, 5, 3, 9, 4)
+    advantages = torch.tensor([1.5, -0.5, -0.5, -0.5], dtype=torch.float64)
+    for include_self in (True, False):
+        expected = reference_thr(hidden, ids, mask, weight, advantages, 4, include_self=include_self)
+        got = compute_thr(hidden, ids, mask, weight, advantages, 4, include_self=include_self)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    # Without itself, the lone positive completion has no influence to receive.
+    alone = compute_thr(hidden, ids, mask, weight, advantages, 4, include_self=False)
+    assert alone[0].abs().sum() == 0 and alone[1:].abs().sum() > 0
+
+
+def test_zero_length_completions():
+    hidden, ids, mask, weight, _ = make_batch(8, 4, 5, 3, 9, 4, ragged=False)
+    mask[0] = 0  # a "positive" completion with no token cannot be in P
+    mask[2] = 0
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    expected = reference_thr(hidden, ids, mask, weight, advantages, 4)
+    got = compute_thr(hidden, ids, mask, weight, advantages, 4)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert got[0].abs().sum() == 0 and got[2].abs().sum() == 0
+    mask[1] = 0  # now the only positives are empty: the group is inactive
+    assert compute_thr(hidden, ids, mask, weight, advantages, 4).abs().sum() == 0
+
+
+def test_positive_mask_overrides_advantage_sign():
+    hidden, ids, mask, weight, advantages = make_batch(9, 6, 4, 3, 9, 3)
+    positive = torch.tensor([True, False, False, False, True, True])
+    expected = reference_thr(hidden, ids, mask, weight, advantages, 3, positive=positive)
+    got = compute_thr(hidden, ids, mask, weight, advantages, 3, positive_mask=positive)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_padding_and_zero_advantage_rows_are_zero():
+    hidden, ids, mask, weight, advantages = make_batch(10, 6, 6, 3, 9, 3)
+    advantages[1] = 0.0
+    got = compute_thr(hidden, ids, mask, weight, advantages, 3)
+    assert (got[mask == 0] == 0).all()
+    assert (got[1] == 0).all()
+
+
+def test_sampled_token_logprobs_avoid_full_vocabulary(monkeypatch):
+    """With token log-probs, sampled mode touches only the group's rows of W (never B x T x V)."""
+    hidden, ids, mask, weight, advantages = make_batch(11, 4, 5, 3, 400, 2)
+    logprobs = true_logprobs(hidden, ids, weight)
+    largest = []
+    real_exp = torch.Tensor.exp
+
+    def spy_exp(self):
+        largest.append(self.numel())
+        return real_exp(self)
+
+    monkeypatch.setattr(torch.Tensor, "exp", spy_exp)
+    compute_thr(hidden, ids, mask, weight, advantages, 2, token_logprobs=logprobs)
+    monkeypatch.undo()
+    assert max(largest) <= 2 * 5 * 7  # tokens of a group x distinct ids (< 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_generations=3), "multiple of num_generations"),
+        (dict(vocab="top-k"), "vocab must be one of"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(lm_head_weight=torch.zeros(5, 2)), "lm_head_weight must have shape"),
+        (dict(advantages=torch.zeros(3)), "advantages must have shape"),
+        (dict(token_logprobs=torch.zeros(4, 2)), "token_logprobs must have shape"),
+        (dict(hidden_states=torch.zeros(4, 5)), "hidden_states must have shape"),
+    ],
+)
+def test_bad_input_errors(kwargs, message):
+    args = dict(hidden_states=torch.zeros(4, 5, 3), completion_ids=torch.zeros(4, 5, dtype=torch.long),
+                completion_mask=torch.ones(4, 5), lm_head_weight=torch.zeros(7, 3), advantages=torch.zeros(4),
+                num_generations=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        compute_thr(**args)

@@ -1,0 +1,146 @@
+"""Strategies, threshold modes and the p schedule on hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from trl_thr.thr import group_thresholds, scheduled_p, thr_weights
+
+# Group 0 (rows 0-2) is active: one positive completion. Group 1 (rows 3-5) has equal rewards (A = 0).
+THR = torch.tensor(
+    [
+        [0.50, -0.20, 0.00],  # A = +1, last token is padding
+        [-0.40, 0.30, 0.10],  # A = -0.5
+        [0.05, -0.16, 0.25],  # A = -0.5
+        [0.00, 0.00, 0.00],
+        [0.00, 0.00, 0.00],
+        [0.00, 0.00, 0.00],
+    ]
+)
+ADV = torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0])
+MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]])
+INACTIVE = MASK[3:].float()
+
+
+def weights(**kwargs):
+    return thr_weights(THR, ADV, MASK, 3, **kwargs)
+
+
+def check(got, active_rows):
+    torch.testing.assert_close(got[:3], torch.tensor(active_rows))
+    torch.testing.assert_close(got[3:], INACTIVE)
+
+
+def test_anchor_threshold_is_beta_times_smallest_positive_mean():
+    # The only positive row has mean THR (0.5 - 0.2) / 2 = 0.15.
+    taus = group_thresholds(THR, ADV, MASK, 3, threshold="anchor", beta=1.0)
+    assert taus[0].item() == pytest.approx(0.15) and math.isnan(taus[1].item())
+    assert group_thresholds(THR, ADV, MASK, 3, beta=2.0)[0].item() == pytest.approx(0.30)
+
+
+def test_positive_amplify():
+    check(weights(strategy="positive-amplify", p=0.1),
+          [[1.1, 0.9, 0.0], [0.9, 1.1, 0.0], [0.0, 0.9, 1.1]])
+
+
+def test_negative_amplify_uses_minus_abs_p():
+    expected = [[0.9, 1.1, 0.0], [1.1, 0.9, 0.0], [0.0, 1.1, 0.9]]
+    check(weights(strategy="negative-amplify", p=0.1), expected)
+    check(weights(strategy="negative-amplify", p=-0.1), expected)
+    check(weights(strategy="amplify", p=-0.1), expected)
+
+
+def test_dominant_only():
+    check(weights(strategy="dominant-only"), [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+
+
+def test_nthr_scales_negative_completion_tokens_below_minus_tau():
+    # success rate 1/3 -> eta = 2 |0.5 - 1/3| = 1/3; penalised: row 1 token 0 (-0.40), row 2 token 1 (-0.16).
+    eta = 1 / 3
+    check(weights(strategy="nthr"), [[1.0, 1.0, 0.0], [eta, 1.0, 1.0], [1.0, eta, 1.0]])
+
+
+def test_none_is_all_ones_on_tokens():
+    torch.testing.assert_close(weights(strategy="none"), MASK.float())
+
+
+def test_quantile_per_group_keeps_top_fraction():
+    # 8 real tokens; |THR| sorted: .05 .10 .16 .20 .25 .30 .40 .50 -> top 4 are above 0.20.
+    taus = group_thresholds(THR, ADV, MASK, 3, threshold="quantile", quantile=0.5)
+    assert taus[0].item() == pytest.approx(0.20)
+    check(weights(strategy="dominant-only", threshold="quantile", quantile=0.5),
+          [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    check(weights(strategy="dominant-only", threshold="quantile", quantile=1.0), MASK[:3].float().tolist())
+
+
+def test_quantile_batch_scope_pools_active_groups():
+    thr = torch.cat([THR[:3], 10 * THR[:3]])
+    adv = torch.cat([ADV[:3], ADV[:3]])
+    mask = torch.cat([MASK[:3], MASK[:3]])
+    per_group = group_thresholds(thr, adv, mask, 3, threshold="quantile", quantile=0.5)
+    pooled = group_thresholds(thr, adv, mask, 3, threshold="quantile", quantile=0.5, quantile_scope="batch")
+    torch.testing.assert_close(per_group, torch.tensor([0.2, 2.0]))
+    torch.testing.assert_close(pooled, torch.tensor([0.5, 0.5]))  # 16 tokens, 8th largest left out is 0.5
+
+
+def test_absolute_and_none_thresholds():
+    check(weights(strategy="dominant-only", threshold="absolute", tau=0.35),
+          [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    check(weights(strategy="positive-amplify", p=0.2, threshold="none"),
+          [[1.2, 0.8, 0.0], [0.8, 1.2, 1.2], [1.2, 0.8, 1.2]])
+    per_group_tau = torch.tensor([0.35, 100.0])
+    check(weights(strategy="dominant-only", threshold="absolute", tau=per_group_tau),
+          [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_positive_mask_changes_anchor_and_nthr_success_rate():
+    positive = torch.tensor([True, True, False, False, False, False])
+    taus = group_thresholds(THR, ADV, MASK, 3, positive_mask=positive)
+    # min(0.15, mean(-0.4, 0.3, 0.1) = 0)
+    assert taus[0].item() == pytest.approx(0.0, abs=1e-6)
+    got = weights(strategy="nthr", positive_mask=positive)
+    eta = 2 * abs(0.5 - 2 / 3)
+    check(got, [[1.0, 1.0, 0.0], [eta, 1.0, 1.0], [1.0, eta, 1.0]])
+
+
+@pytest.mark.parametrize("strategy", ["positive-amplify", "negative-amplify", "amplify", "dominant-only", "nthr"])
+@pytest.mark.parametrize("threshold", ["anchor", "quantile", "absolute", "none"])
+def test_weights_non_negative_and_zero_on_padding(strategy, threshold):
+    gen = torch.Generator().manual_seed(0)
+    thr = torch.randn(12, 9, generator=gen)
+    mask = (torch.rand(12, 9, generator=gen) > 0.3).long()
+    thr = thr * mask
+    adv = torch.randn(12, generator=gen)
+    got = thr_weights(thr, adv, mask, 4, strategy=strategy, p=0.99 if strategy != "amplify" else -0.99,
+                      threshold=threshold, quantile=0.3, tau=0.5)
+    assert (got >= 0).all() and (got[mask == 0] == 0).all()
+    assert got.dtype == torch.float32 and got.shape == thr.shape
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(strategy="exploit"), "strategy must be one of"),
+        (dict(strategy="positive-amplify", p=1.0), r"\|p\| must be < 1"),
+        (dict(strategy="positive-amplify", threshold="median"), "threshold must be one of"),
+        (dict(strategy="positive-amplify", threshold="quantile"), "needs quantile in"),
+        (dict(strategy="positive-amplify", threshold="quantile", quantile=1.5), "needs quantile in"),
+        (dict(strategy="positive-amplify", threshold="absolute"), "needs tau"),
+        (dict(strategy="positive-amplify", threshold="quantile", quantile=0.5, quantile_scope="x"), "quantile_scope"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        weights(**kwargs)
+
+
+def test_p_schedules():
+    assert scheduled_p(0.1, None, "constant", 0.7) == 0.1
+    assert scheduled_p(-0.1, 0.1, "linear", 0.25) == pytest.approx(-0.05)
+    assert scheduled_p(-0.1, 0.1, "cosine", 0.0) == pytest.approx(-0.1)
+    assert scheduled_p(-0.1, 0.1, "cosine", 0.5) == pytest.approx(0.0)
+    assert scheduled_p(-0.1, 0.1, "cosine", 1.0) == pytest.approx(0.1)
+    assert scheduled_p(-0.1, 0.1, "linear", 2.0) == pytest.approx(0.1)  # clamped
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        scheduled_p(0.1, 0.2, "step", 0.5)

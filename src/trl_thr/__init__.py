@@ -1,5 +1,30 @@
-"""trl-thr: Token Hidden Reward (arXiv 2510.03669) for TRL's GRPOTrainer."""
+"""trl-thr: Token Hidden Reward (arXiv 2510.03669) for TRL's GRPOTrainer.
+
+The math (`compute_thr`, `thr_weights`, ...) needs only torch. The trainer and its config import TRL, which takes a
+few seconds, so they load on first access.
+"""
 
 __version__ = "0.1.0"
 
-from .thr import compute_thr, group_thresholds, scheduled_p, thr_weights  # noqa: E402
+from .gspo_token import sequence_token_old_logps
+from .thr import compute_thr, group_thresholds, scheduled_p, thr_weights
+
+_LAZY = {"THRGRPOConfig": ".thr_grpo_config", "THRGRPOTrainer": ".thr_grpo_trainer"}
+
+__all__ = [
+    "THRGRPOConfig",
+    "THRGRPOTrainer",
+    "compute_thr",
+    "group_thresholds",
+    "scheduled_p",
+    "sequence_token_old_logps",
+    "thr_weights",
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

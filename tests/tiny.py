@@ -84,3 +84,17 @@ def length_reward(completions, **kwargs):
 def binary_reward(completion_ids, **kwargs):
     """0/1 "correctness": even number of tokens. Gives groups with a single positive, none, or all."""
     return [float(len(ids) % 2 == 0) for ids in completion_ids]
+
+
+def same_length_dataset(model_path, num_prompts: int = 8):
+    """Prompts that tokenize to the same length, so a batch needs no prompt padding wherever it is cut."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = [f"What is {a} + {b}?" for a in range(10) for b in range(10)]
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    common = max(set(lengths), key=lengths.count)
+    chosen = [p for p, n in zip(prompts, lengths) if n == common][:num_prompts]
+    assert len(chosen) == num_prompts
+    return Dataset.from_dict({"prompt": chosen})

@@ -1,3 +1,4 @@
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -193,6 +194,22 @@ class THRGRPOConfig(GRPOConfig):
             )
         if self.thr_strategy != "none":
             self._check_whole_groups()
+            if self.importance_sampling_level == "sequence":
+                warnings.warn(
+                    "With importance_sampling_level='sequence' (GSPO), the gradient of a completion only sees the sum "
+                    "of its THR token weights, not which tokens carry them. Use 'sequence_token' (GSPO-token), as "
+                    "the THR paper does.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if self.multi_objective_aggregation == "normalize_then_sum" and self.thr_positive_reward_threshold is None:
+                warnings.warn(
+                    "multi_objective_aggregation='normalize_then_sum' centres advantages on the batch, not the "
+                    "group, so 'advantage > 0' no longer means better than the rest of the group. Set "
+                    "thr_positive_reward_threshold (and thr_positive_reward_func) to define THR's positive set.",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

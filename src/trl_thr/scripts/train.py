@@ -1,0 +1,242 @@
+"""`trl-thr train`: THR-GRPO on a math dataset, configured like `trl grpo`.
+
+    trl-thr train                                   # the embedded demo: SmolLM2-135M, arithmetic, CPU, offline
+    trl-thr train --config examples/configs/paper_qwen2.5_math_1.5b.yaml
+    trl-thr train --config run.yaml --thr_strategy negative-amplify --num_processes 8 --accelerate_config zero3
+
+Arguments are TRL's (`GRPOConfig`, `ModelConfig`, `ScriptArguments`, `DatasetMixtureConfig`) plus the `thr_*` fields
+of `THRGRPOConfig`, the dataset/template/reward fields below, and the launch fields of `LaunchArguments`. Without
+`--config`, the demo config is the base and flags override it. The file can also be run directly by
+`accelerate launch`.
+"""
+
+import importlib.resources
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+from trl_thr.errors import UsageError
+from trl_thr.launch import LaunchArguments, accelerate_launch_args, launch_script, wants_launch
+from trl_thr.thr_grpo_config import THRGRPOConfig
+
+DEMO_CONFIG = str(importlib.resources.files("trl_thr.configs").joinpath("demo.yaml"))
+
+
+@dataclass
+class THRScriptArguments(ScriptArguments):
+    """Dataset, prompt template and rewards of a run (TRL's `ScriptArguments` plus these)."""
+
+    dataset_data_files: str | None = field(
+        default=None,
+        metadata={"help": "Local JSON/JSONL/Parquet copy of a dataset preset, read with the preset's columns."},
+    )
+    question_column: str | None = field(
+        default=None, metadata={"help": "Column holding the question (local files and hub ids; detected if unset)."}
+    )
+    answer_column: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the gold answer; a 'solution' column is read as its last \\boxed{}."},
+    )
+    num_samples: int = field(default=256, metadata={"help": "Problems generated for 'arithmetic' and reasoning-gym."})
+    arithmetic_max_operand: int = field(default=20, metadata={"help": "Largest operand of 'arithmetic' problems."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Random subset of the training set."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset for evaluation during training (same names as dataset_name)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Random subset of the evaluation set."})
+    prompt_template: str = field(
+        default="qwen-math-boxed",
+        metadata={
+            "help": "Prompt template: qwen-math-boxed, chat-boxed, chat-boxed-short, r1, plain-chat, or a string with "
+            "{question}. Recorded in the run's saved config."
+        },
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": "Rewards: accuracy, accuracy_lenient, boxed_format, think_answer_format, or module:function. "
+            "Weights: reward_weights."
+        },
+    )
+    reward_on_error: str = field(
+        default="raise",
+        metadata={"help": "When a reward raises: 'raise' stops training; 'none' scores that batch None and warns.",
+                  "choices": ["raise", "none"]},
+    )
+    plot: bool = field(default=True, metadata={"help": "Save thr_metrics.png (reward and THR metrics) at the end."})
+
+
+def make_parser(prog: str = "trl-thr train") -> TrlParser:
+    return TrlParser(
+        (THRScriptArguments, THRGRPOConfig, ModelConfig, DatasetMixtureConfig, LaunchArguments), prog=prog
+    )
+
+
+def _option_names(strings: list[str]) -> list[str]:
+    return [s for s in strings if s.startswith("--")] or strings
+
+
+def parse_args(argv: list[str]):
+    """`(script_args, training_args, model_args, mixture_args, launch_args)`; unknown keys are a UsageError."""
+    argv = list(argv)
+    config = None
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise UsageError("--config needs a YAML file.")
+        config = argv[index + 1]
+        if not Path(config).is_file():
+            raise UsageError(f"config file {config} does not exist.")
+    elif not any(a in ("-h", "--help") for a in argv):
+        argv = ["--config", DEMO_CONFIG] + argv
+        config = DEMO_CONFIG
+    try:
+        *parsed, from_config, from_cli = make_parser().parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as error:  # raised by a config's __post_init__, with the field and the fix
+        raise UsageError(str(error)) from error
+    if from_config:
+        raise UsageError(
+            f"unknown key(s) in {config}: {', '.join(n.lstrip('-') for n in _option_names(from_config))}. "
+            "See `trl-thr train --help` for the accepted fields."
+        )
+    if from_cli:
+        raise UsageError(
+            f"unknown argument(s): {' '.join(_option_names(from_cli))}. See `trl-thr train --help`."
+        )
+    return tuple(parsed), argv
+
+
+def load_datasets(script_args, training_args, mixture_args, template):
+    """Train and eval datasets with `prompt` and `solution` columns."""
+    from trl import get_dataset
+
+    from trl_thr.data import normalise_columns, limit, load_math_dataset, with_prompts
+
+    def load(name):
+        return load_math_dataset(
+            name, question_column=script_args.question_column, answer_column=script_args.answer_column,
+            num_samples=script_args.num_samples, seed=training_args.seed, data_files=script_args.dataset_data_files,
+            max_operand=script_args.arithmetic_max_operand,
+        )
+
+    if mixture_args.datasets:
+        train = normalise_columns(get_dataset(mixture_args)[script_args.dataset_train_split], script_args.question_column,
+                           script_args.answer_column, source="datasets mixture")
+    elif script_args.dataset_name:
+        train = load(script_args.dataset_name)
+    else:
+        raise UsageError("no training data: set dataset_name (a preset, 'arithmetic', a file or a hub id) or datasets.")
+    train = with_prompts(limit(train, script_args.max_train_samples, training_args.seed), template)
+    evaluation = None
+    if training_args.eval_strategy != "no":
+        if not script_args.eval_dataset_name:
+            raise UsageError(f"eval_strategy={training_args.eval_strategy!r} needs eval_dataset_name.")
+        evaluation = load(script_args.eval_dataset_name)
+        evaluation = with_prompts(limit(evaluation, script_args.max_eval_samples, training_args.seed), template)
+    return train, evaluation
+
+
+def save_run_config(path: Path, script_args, model_args, training_args, launch_args, template, model_path):
+    """The run's settings, the template's full text and the model actually loaded, next to the checkpoints."""
+    import torch
+    import transformers
+    import trl
+
+    import trl_thr
+
+    record = {
+        "model": model_path,
+        "world_size": training_args.world_size,
+        "template": template.describe(),
+        "script_args": asdict(script_args),
+        "model_args": asdict(model_args),
+        "launch_args": asdict(launch_args),
+        "thr": {k: v for k, v in training_args.to_dict().items() if k.startswith("thr_")},
+        "training_args": training_args.to_dict(),
+        "versions": {"trl_thr": trl_thr.__version__, "trl": trl.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "trl_thr_run.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def train(script_args, training_args, model_args, mixture_args, launch_args, model_path):
+    from transformers import __version__ as transformers_version
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_thr.rewards import load_reward_funcs
+    from trl_thr.summary import RunSummaryCallback
+    from trl_thr.templates import get_template
+    from trl_thr.thr_grpo_trainer import THRGRPOTrainer
+
+    try:
+        template = get_template(script_args.prompt_template)
+        train_dataset, eval_dataset = load_datasets(script_args, training_args, mixture_args, template)
+        reward_funcs = load_reward_funcs(script_args.reward_funcs, script_args.reward_on_error)
+        model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
+                             "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
+        training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+        trainer = THRGRPOTrainer(
+            model=model_path,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=get_peft_config(model_args),
+            quantization_config=get_quantization_config(model_args),
+            callbacks=[RunSummaryCallback(plot=script_args.plot)],
+        )
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise UsageError(str(error)) from error
+
+    if trainer.accelerator.is_main_process:
+        save_run_config(Path(training_args.output_dir), script_args, model_args, training_args, launch_args, template,
+                        model_path)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if tuple(int(p) for p in transformers_version.split(".")[:2]) >= (5, 18):
+        trainer.end()
+    return trainer
+
+
+def main(argv: list[str] | None = None):
+    import torch
+    from trl.import_utils import is_vllm_available
+
+    from trl_thr.models import resolve_model
+
+    argv = sys.argv[1:] if argv is None else argv
+    (script_args, training_args, model_args, mixture_args, launch_args), argv = parse_args(argv)
+    if training_args.use_vllm and not is_vllm_available():
+        raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
+    if not model_args.model_name_or_path:
+        raise UsageError("set model_name_or_path (a hub id, a local directory, or builtin:tiny-qwen2).")
+    try:
+        model_path = resolve_model(model_args.model_name_or_path)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from error
+
+    if wants_launch(launch_args):
+        # The workers re-parse the same arguments; the model is resolved once, here, for all of them.
+        try:
+            launch = accelerate_launch_args(launch_args, torch.cuda.device_count())
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        launch_script(__file__, launch, argv + ["--model_name_or_path", model_path])
+        return None
+    return train(script_args, training_args, model_args, mixture_args, launch_args, model_path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        print(f"trl-thr train: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,161 @@
+"""Answer extraction, grading and reward functions (correct, wrong, unparseable, None, raising)."""
+
+import math
+import sys
+import textwrap
+
+import pytest
+
+from trl_thr.answers import extract_final_answer, grade, last_boxed_content
+from trl_thr.rewards import (
+    accuracy,
+    accuracy_lenient,
+    boxed_format,
+    load_reward_funcs,
+    think_answer_format,
+)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so \\boxed{12}.", "12"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{ {a}+{b} }", "{a}+{b}"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed{3} and an empty \\boxed{}", "3"),
+        ("no box here", None),
+        ("\\boxed{unclosed", None),
+    ],
+)
+def test_last_boxed_content(text, expected):
+    assert last_boxed_content(text) == expected
+
+
+def test_extraction_rule():
+    assert extract_final_answer("<think>\\boxed{1}</think><answer>5</answer>") == "5"
+    assert extract_final_answer("<answer>the value is \\boxed{6}</answer>") == "6"
+    assert extract_final_answer("12 + 3 = 15, so 15") is None
+    assert extract_final_answer("12 + 3 = 15, so 1,500", lenient=True) == "1500"
+    assert extract_final_answer("\\boxed{4} but 9", lenient=True) == "4"
+    assert extract_final_answer("<answer></answer>") is None
+
+
+@pytest.mark.parametrize(
+    "completion,gold,expected",
+    [
+        ("\\boxed{12}", "12", True),
+        ("\\boxed{12.0}", "12", True),
+        ("\\boxed{0.5}", "\\frac{1}{2}", True),
+        ("\\boxed{\\dfrac{1}{2}}", "1/2", True),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
+        ("\\boxed{13}", "12", False),
+        ("The answer is 12.", "12", False),  # missing box: wrong in strict mode
+        ("\\boxed{$%^&}", "12", False),  # unparseable answer
+        ("\\boxed{12}", "", None),  # gold does not parse: ungradable
+    ],
+)
+def test_grade(completion, gold, expected):
+    assert grade(completion, gold) is expected
+
+
+def test_accuracy_rewards():
+    completions = ["\\boxed{4}", "it is 4", "\\boxed{5}", [{"role": "assistant", "content": "\\boxed{4}"}]]
+    assert accuracy(completions, solution=["4", "4", "4", "4"]) == [1.0, 0.0, 0.0, 1.0]
+    assert accuracy_lenient(completions, solution=["4", "4", "4", "4"]) == [1.0, 1.0, 0.0, 1.0]
+    assert accuracy(["\\boxed{4}"], solution=[""]) == [None]
+
+
+def test_format_rewards():
+    assert boxed_format(["\\boxed{1}", "\\boxed{}", "1"]) == [1.0, 0.0, 0.0]
+    assert think_answer_format(["<think>a</think> <answer>1</answer>", "a</think><answer>1</answer>",
+                                "<answer>1</answer>", "<think>a</think><answer>1</answer> trailing"]) == [
+        1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        import math
+
+        def half(completions, **kwargs):
+            return [0.5] * len(completions)
+
+        def sometimes_undefined(completions, **kwargs):
+            return [(None, math.nan, 1.0)[i % 3] for i in range(len(completions))]
+
+        def broken(completions, **kwargs):
+            raise RuntimeError("grader crashed")
+
+        class Scorer:
+            def length(self, completions, **kwargs):
+                return [float(len(c)) for c in completions]
+
+        scorer = Scorer()
+        not_callable = 3
+    """))
+    monkeypatch.chdir(tmp_path)
+    yield
+    sys.modules.pop("my_rewards", None)
+
+
+def test_load_by_name_and_module_function(reward_module):
+    funcs = load_reward_funcs(["accuracy", "my_rewards:half", "my_rewards:scorer.length"])
+    assert [f.__name__ for f in funcs] == ["accuracy", "half", "length"]
+    assert funcs[1](completions=["a", "b"]) == [0.5, 0.5]
+    assert funcs[2](completions=["ab"]) == [2.0]
+
+
+def test_none_and_nan_mean_not_applicable(reward_module):
+    (func,) = load_reward_funcs(["my_rewards:sometimes_undefined"])
+    assert func(completions=["a", "b", "c"]) == [None, None, 1.0]
+
+
+def test_raising_reward_follows_on_error(reward_module, caplog):
+    (strict,) = load_reward_funcs(["my_rewards:broken"])
+    with pytest.raises(RuntimeError, match="grader crashed"):
+        strict(completions=["a"])
+    (lenient,) = load_reward_funcs(["my_rewards:broken"], on_error="none")
+    with caplog.at_level("WARNING"):
+        assert lenient(completions=["a", "b"]) == [None, None]
+    assert "reward 'broken' raised" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "specs,message",
+    [
+        (["acuracy"], "must be a name .* or 'module:function'"),
+        (["no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
+        (["my_rewards:missing"], "has no attribute 'missing'"),
+        (["my_rewards:not_callable"], "is not callable"),
+        ([], "reward_funcs is empty"),
+    ],
+)
+def test_bad_reward_specs(specs, message, reward_module):
+    with pytest.raises(ValueError, match=message):
+        load_reward_funcs(specs)
+
+
+def test_bad_on_error():
+    with pytest.raises(ValueError, match="reward_on_error='skip' must be"):
+        load_reward_funcs(["accuracy"], on_error="skip")
+
+
+def test_trainer_survives_none_nan_and_raising_rewards(tiny_model_path, tmp_path, reward_module):
+    """Rows every reward scores None get advantage 0; a raising reward with on_error='none' drops out."""
+    from tiny import length_reward, tiny_dataset
+
+    from trl_thr import THRGRPOConfig, THRGRPOTrainer
+
+    funcs = load_reward_funcs(["my_rewards:broken", "my_rewards:sometimes_undefined"], on_error="none")
+    args = THRGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                         report_to="none", save_strategy="no", per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=8, max_steps=1, logging_steps=1)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=funcs + [length_reward], args=args,
+                             train_dataset=tiny_dataset())
+    trainer.train()
+    log = trainer.state.log_history[0]
+    broken_mean = log["rewards/broken/mean"]  # every value was None: the mean is undefined
+    assert broken_mean is None or math.isnan(broken_mean)
+    assert math.isfinite(log["loss"])

@@ -6,6 +6,7 @@ few seconds, so they load on first access.
 
 __version__ = "0.1.0"
 
+from .evaluation import pass_at_k
 from .gspo_token import sequence_token_old_logps
 from .thr import compute_thr, group_thresholds, scheduled_p, thr_weights
 
@@ -16,6 +17,7 @@ __all__ = [
     "THRGRPOTrainer",
     "compute_thr",
     "group_thresholds",
+    "pass_at_k",
     "scheduled_p",
     "sequence_token_old_logps",
     "thr_weights",

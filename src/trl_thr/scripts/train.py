@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
+from trl_thr.arguments import ProblemArguments, load_problems
 from trl_thr.errors import UsageError
 from trl_thr.launch import LaunchArguments, accelerate_launch_args, launch_script, wants_launch
 from trl_thr.thr_grpo_config import THRGRPOConfig
@@ -26,34 +27,18 @@ DEMO_CONFIG = str(importlib.resources.files("trl_thr.configs").joinpath("demo.ya
 
 
 @dataclass
-class THRScriptArguments(ScriptArguments):
-    """Dataset, prompt template and rewards of a run (TRL's `ScriptArguments` plus these)."""
+class THRScriptArguments(ScriptArguments, ProblemArguments):
+    """Dataset, prompt template and rewards of a run (TRL's `ScriptArguments`, `ProblemArguments` and these)."""
 
     dataset_data_files: str | None = field(
         default=None,
         metadata={"help": "Local JSON/JSONL/Parquet copy of a dataset preset, read with the preset's columns."},
     )
-    question_column: str | None = field(
-        default=None, metadata={"help": "Column holding the question (local files and hub ids; detected if unset)."}
-    )
-    answer_column: str | None = field(
-        default=None,
-        metadata={"help": "Column holding the gold answer; a 'solution' column is read as its last \\boxed{}."},
-    )
-    num_samples: int = field(default=256, metadata={"help": "Problems generated for 'arithmetic' and reasoning-gym."})
-    arithmetic_max_operand: int = field(default=20, metadata={"help": "Largest operand of 'arithmetic' problems."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Random subset of the training set."})
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Dataset for evaluation during training (same names as dataset_name)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Random subset of the evaluation set."})
-    prompt_template: str = field(
-        default="qwen-math-boxed",
-        metadata={
-            "help": "Prompt template: qwen-math-boxed, chat-boxed, chat-boxed-short, r1, plain-chat, or a string with "
-            "{question}. Recorded in the run's saved config."
-        },
-    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={
@@ -111,34 +96,32 @@ def parse_args(argv: list[str]):
     return tuple(parsed), argv
 
 
-def load_datasets(script_args, training_args, mixture_args, template):
-    """Train and eval datasets with `prompt` and `solution` columns."""
+def load_datasets(script_args, training_args, mixture_args):
+    """`(train, eval or None, template)`: datasets with `prompt` and `solution` columns."""
     from trl import get_dataset
 
-    from trl_thr.data import normalise_columns, limit, load_math_dataset, with_prompts
+    from trl_thr.data import limit, normalise_columns, with_prompts
+    from trl_thr.templates import get_template
 
-    def load(name):
-        return load_math_dataset(
-            name, question_column=script_args.question_column, answer_column=script_args.answer_column,
-            num_samples=script_args.num_samples, seed=training_args.seed, data_files=script_args.dataset_data_files,
-            max_operand=script_args.arithmetic_max_operand,
-        )
-
+    seed = training_args.seed
     if mixture_args.datasets:
-        train = normalise_columns(get_dataset(mixture_args)[script_args.dataset_train_split], script_args.question_column,
-                           script_args.answer_column, source="datasets mixture")
+        template = get_template(script_args.prompt_template)
+        train = normalise_columns(get_dataset(mixture_args)[script_args.dataset_train_split],
+                                  script_args.question_column, script_args.answer_column, source="datasets mixture")
+        train = with_prompts(limit(train, script_args.max_train_samples, seed), template)
     elif script_args.dataset_name:
-        train = load(script_args.dataset_name)
+        train, template = load_problems(script_args.dataset_name, script_args, seed=seed,
+                                        data_files=script_args.dataset_data_files,
+                                        max_samples=script_args.max_train_samples)
     else:
         raise UsageError("no training data: set dataset_name (a preset, 'arithmetic', a file or a hub id) or datasets.")
-    train = with_prompts(limit(train, script_args.max_train_samples, training_args.seed), template)
     evaluation = None
     if training_args.eval_strategy != "no":
         if not script_args.eval_dataset_name:
             raise UsageError(f"eval_strategy={training_args.eval_strategy!r} needs eval_dataset_name.")
-        evaluation = load(script_args.eval_dataset_name)
-        evaluation = with_prompts(limit(evaluation, script_args.max_eval_samples, training_args.seed), template)
-    return train, evaluation
+        evaluation, _ = load_problems(script_args.eval_dataset_name, script_args, seed=seed,
+                                      max_samples=script_args.max_eval_samples)
+    return train, evaluation, template
 
 
 def save_run_config(path: Path, script_args, model_args, training_args, launch_args, template, model_path):
@@ -171,12 +154,10 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
 
     from trl_thr.rewards import load_reward_funcs
     from trl_thr.summary import RunSummaryCallback
-    from trl_thr.templates import get_template
     from trl_thr.thr_grpo_trainer import THRGRPOTrainer
 
     try:
-        template = get_template(script_args.prompt_template)
-        train_dataset, eval_dataset = load_datasets(script_args, training_args, mixture_args, template)
+        train_dataset, eval_dataset, template = load_datasets(script_args, training_args, mixture_args)
         reward_funcs = load_reward_funcs(script_args.reward_funcs, script_args.reward_on_error)
         model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
                              "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}

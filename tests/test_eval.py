@@ -1,0 +1,206 @@
+"""`trl-thr eval`: the Pass@K estimator, scoring, an end-to-end run, resuming, comparing, and the vLLM path."""
+
+import itertools
+import json
+import sys
+import types
+from fractions import Fraction
+from math import comb
+from unittest.mock import patch
+
+import pytest
+
+from trl_thr import pass_at_k
+from trl_thr.errors import UsageError
+from trl_thr.evaluation import check_ks, score
+from trl_thr.scripts import evaluate as eval_script
+
+
+def brute_force_pass_at_k(n, c, k):
+    """Fraction of the k-subsets of n samples (c correct) that contain a correct sample."""
+    correct = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(correct[i] for i in subset) for subset in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_at_k_equals_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    for n, c, k in [(256, 1, 1), (256, 3, 128), (256, 100, 200), (1024, 7, 512)]:
+        exact = 1 - Fraction(comb(n - c, k), comb(n, k))
+        assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12, abs=1e-15)
+
+
+def test_pass_at_k_edge_cases():
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(10, 10, 1) == 1.0
+    assert pass_at_k(10, 7, 4) == 1.0  # n - c = 3 < k: every 4-subset holds a correct sample
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the fraction correct
+
+
+@pytest.mark.parametrize(
+    "args,error,message",
+    [
+        ((4, 1, 5), ValueError, r"k must be in \[1, n=4\]"),
+        ((4, 1, 0), ValueError, r"k must be in \[1, n=4\]"),
+        ((4, 5, 1), ValueError, r"c must be in \[0, n=4\]"),
+        ((0, 0, 1), ValueError, "n must be >= 1"),
+        ((4.0, 1, 1), TypeError, "n must be an int"),
+    ],
+)
+def test_pass_at_k_rejects_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        pass_at_k(*args)
+
+
+def test_check_ks():
+    assert check_ks([4, 1, 4, 2], 4) == [1, 2, 4]
+    with pytest.raises(ValueError, match=r"k_values \[8\] must be in \[1, n_samples=4\].*Raise n_samples to 8"):
+        check_ks([1, 8], 4)
+
+
+def test_scoring_by_hand():
+    records = [
+        {"samples": ["\\boxed{4}", "\\boxed{5}", "4", "\\boxed{4.0}"], "greedy": "\\boxed{4}"},  # 2 of 4 correct
+        {"samples": ["\\boxed{1}"] * 4, "greedy": "no"},  # none correct
+        {"samples": ["\\boxed{1}"] * 4, "greedy": "\\boxed{1}"},  # gold does not parse: ungradable
+    ]
+    result = score(["q0", "q1", "q2"], ["4", "7", ""], records, [1, 2, 4], lenient=False)
+    metrics = result["metrics"]
+    assert metrics["problems"] == 3 and metrics["ungradable"] == 1
+    assert metrics["greedy_accuracy"] == 0.5
+    assert metrics["mean@4"] == pytest.approx((0.5 + 0) / 2)
+    assert metrics["pass@1"] == pytest.approx(0.25)
+    assert metrics["pass@2"] == pytest.approx((1 - comb(2, 2) / comb(4, 2)) / 2)
+    assert metrics["pass@4"] == pytest.approx(0.5)
+    first = result["problems"][0]
+    assert [s["correct"] for s in first["samples"]] == [True, False, False, True]
+    assert first["samples"][2]["answer"] is None and first["num_correct"] == 2
+    assert score(["q"], ["4"], [{"samples": ["so 4"]}], [1], lenient=True)["metrics"]["pass@1"] == 1.0
+
+
+@pytest.fixture
+def benchmark_file(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    rows = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(1, 6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def eval_args(model, benchmark, output_dir, *extra):
+    return ["--model_name_or_path", model, "--benchmark", benchmark, "--n_samples", "4", "--k_values", "1", "2",
+            "4", "--max_new_tokens", "6", "--prompt_template", "chat-boxed", "--output_dir", str(output_dir),
+            "--run_name", "tiny", *extra]
+
+
+def test_end_to_end_on_a_local_file(tiny_model_path, benchmark_file, tmp_path, capsys):
+    (result,) = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path))
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert saved["metrics"] == result["metrics"]
+    assert set(saved["metrics"]) >= {"greedy_accuracy", "mean@4", "pass@1", "pass@2", "pass@4"}
+    assert len(saved["problems"]) == 5 and all(len(p["samples"]) == 4 for p in saved["problems"])
+    assert saved["config"]["template"]["name"] == "chat-boxed" and saved["config"]["backend"] == "transformers"
+    assert (tmp_path / "tiny.png").stat().st_size > 5_000
+    assert "| pass@4 (%) |" in (tmp_path / "tiny.md").read_text()
+    assert "pass@2" in capsys.readouterr().out
+
+
+def recording(make_generate, seeds, stop_after=None):
+    """Wrap `make_generate` so its generator records problem seeds, raising KeyboardInterrupt on problem `stop_after`."""
+
+    def wrapped_make_generate(*args, **kwargs):
+        generate, tokenizer = make_generate(*args, **kwargs)
+
+        def generate_and_record(prompt, num_samples, temperature, seed):
+            if seed not in seeds and stop_after is not None and len(set(seeds)) == stop_after:
+                raise KeyboardInterrupt
+            seeds.append(seed)
+            return generate(prompt, num_samples, temperature, seed)
+
+        return generate_and_record, tokenizer
+
+    return wrapped_make_generate
+
+
+def test_resume_after_interruption(tiny_model_path, benchmark_file, tmp_path):
+    full = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path / "full"))[0]
+
+    seeds = []
+    with patch.object(eval_script, "make_generate", recording(eval_script.make_generate, seeds, stop_after=2)):
+        with pytest.raises(KeyboardInterrupt):
+            eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path / "cut"))
+    (cache,) = (tmp_path / "cut" / "cache").glob("*.jsonl")
+    assert len(cache.read_text().splitlines()) == 2
+
+    seeds.clear()
+    with patch.object(eval_script, "make_generate", recording(eval_script.make_generate, seeds)):
+        resumed = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path / "cut"))[0]
+    assert sorted(set(seeds)) == [2, 3, 4]  # only problems missing from the cache (problem i uses seed 0 + i)
+    assert [p["samples"] for p in resumed["problems"]] == [p["samples"] for p in full["problems"]]
+    assert resumed["metrics"] == full["metrics"]
+
+
+def test_compare_runs(tmp_path):
+    def fake(name, values):
+        return {"config": {"run_name": name, "benchmark": "aime24"},
+                "metrics": {"problems": 30, "ungradable": 0, "greedy_accuracy": values[0],
+                            **{f"pass@{k}": v for k, v in zip([1, 8, 64], values)}}}
+
+    paths = []
+    for name, values in (("grpo", [0.2, 0.5, 0.7]), ("thr-neg", [0.21, 0.55, 0.77])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(fake(name, values)))
+        paths.append(str(path))
+    results = eval_script.main(["--compare", *paths, "--output_dir", str(tmp_path / "out")])
+    assert [r["config"]["run_name"] for r in results] == ["grpo", "thr-neg"]
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "| metric | grpo | thr-neg |" in table and "| pass@64 (%) | 70.0 | 77.0 |" in table
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 5_000
+
+
+class FakeVLLM:
+    """A stand-in for the `vllm` module: LLM.generate returns canned outputs, correct for even seeds."""
+
+    class SamplingParams:
+        def __init__(self, n, temperature, top_p, max_tokens, seed):
+            self.n, self.temperature, self.seed = n, temperature, seed
+
+    class LLM:
+        def __init__(self, model, seed, **kwargs):
+            self.kwargs = kwargs
+
+        def generate(self, prompts, params, use_tqdm=False):
+            gold = prompts[0].split("What is ")[1].split(" +")[0]
+            text = f"\\boxed{{{2 * int(gold)}}}" if params.seed % 2 == 0 else "\\boxed{0}"
+            outputs = [types.SimpleNamespace(text=text, token_ids=[1, 2]) for _ in range(params.n)]
+            return [types.SimpleNamespace(outputs=outputs)]
+
+
+def test_vllm_backend_path(tiny_model_path, benchmark_file, tmp_path):
+    with patch.dict(sys.modules, {"vllm": FakeVLLM}), patch("trl.import_utils.is_vllm_available", lambda: True):
+        (result,) = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path, "--backend", "vllm"))
+    assert result["config"]["backend"] == "vllm"
+    assert result["metrics"]["pass@4"] == pytest.approx(3 / 5)  # problems 0, 2, 4 (even seeds) are right
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--k_values", "1", "32"], r"k_values \[32\] must be in \[1, n_samples=4\]"),
+        (["--backend", "vllm"], r'pip install "trl-thr\[vllm\]"'),
+        (["--prompt_template", "nope"], "neither a template name"),
+    ],
+)
+def test_eval_usage_errors(argv, message, tiny_model_path, benchmark_file, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path) + argv)
+
+
+def test_eval_needs_a_model_or_results():
+    with pytest.raises(UsageError, match="set model_name_or_path and benchmark, or give result files"):
+        eval_script.main([])

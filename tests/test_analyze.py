@@ -47,11 +47,12 @@ def test_build_batch_pads_like_trl():
 
 def test_statistics_by_hand():
     batch, thr, entropy = hand_batch()
-    stats = thr_statistics(thr, entropy, batch, quantiles=(0.4,), overlap_quantile=0.4)
+    stats = thr_statistics(thr, entropy, batch, quantiles=(0.4,), tau=0.9, overlap_quantile=0.4)
     assert (stats["groups"], stats["active_groups"], stats["active_tokens"], stats["tokens"]) == (2, 1, 5, 8)
     # anchor: tau = mean THR of the correct completion = (3 + 1 - 0.5) / 3 = 7/6 -> |THR| > 7/6: 3.0 and -2.0
     assert stats["dominant_fraction"]["anchor"] == pytest.approx(2 / 5)
     assert stats["dominant_fraction"]["quantile_0.4"] == pytest.approx(2 / 5)
+    assert stats["dominant_fraction"]["absolute_0.9"] == pytest.approx(3 / 5)  # 3.0, 1.0, -2.0
     correct, incorrect = stats["by_correctness"]["correct"], stats["by_correctness"]["incorrect"]
     assert correct["tokens"] == 3 and correct["positive_frac"] == pytest.approx(2 / 3)
     assert incorrect["tokens"] == 2 and incorrect["negative_frac"] == pytest.approx(0.5)
@@ -100,7 +101,7 @@ def test_html_report_structure_and_colours():
     parser = Spans()
     parser.feed(page)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert not parser.external and "script" not in parser.tags and "link" not in parser.tags and "img" not in parser.tags
+    assert not parser.external and not parser.tags & {"script", "link", "img", "iframe"}
     assert len(parser.tokens) == int(batch.completion_mask.sum())  # one span per real token, none for padding
     assert parser.completions == ["true", "false", "false", "false"]
     assert "&lt;tok&amp;10&gt;" in page and "prompt &lt;0&gt;" in page

@@ -6,8 +6,17 @@ import re
 import pytest
 from datasets import Dataset
 
-from trl_thr.data import PRESETS, arithmetic_problems, champ_problems, limit, load_local, load_math_dataset
-from trl_thr.data import load_preset, reasoning_gym_problems, with_prompts
+from trl_thr.data import (
+    PRESETS,
+    arithmetic_problems,
+    champ_problems,
+    limit,
+    load_local,
+    load_math_dataset,
+    load_preset,
+    reasoning_gym_problems,
+    with_prompts,
+)
 from trl_thr.templates import TEMPLATES, get_template
 
 # One or two rows per preset in the hub dataset's own schema, and the gold answers the loader must produce.

@@ -111,7 +111,7 @@ def test_end_to_end_on_a_local_file(tiny_model_path, benchmark_file, tmp_path, c
 
 
 def recording(make_generate, seeds, stop_after=None):
-    """Wrap `make_generate` so its generator records problem seeds, raising KeyboardInterrupt on problem `stop_after`."""
+    """Wrap `make_generate` so its generator records problem seeds; KeyboardInterrupt on problem `stop_after`."""
 
     def wrapped_make_generate(*args, **kwargs):
         generate, tokenizer = make_generate(*args, **kwargs)
@@ -125,6 +125,21 @@ def recording(make_generate, seeds, stop_after=None):
         return generate_and_record, tokenizer
 
     return wrapped_make_generate
+
+
+def test_lora_adapter_on_a_base_model(tiny_model_path, benchmark_file, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                           LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(tmp_path / "adapter")
+    base = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path / "base"))[0]
+    adapted = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path / "lora",
+                                         "--adapter_name_or_path", str(tmp_path / "adapter")))[0]
+    assert adapted["config"]["adapter"] == str(tmp_path / "adapter")
+    assert [p["samples"] for p in adapted["problems"]] != [p["samples"] for p in base["problems"]]
 
 
 def test_resume_after_interruption(tiny_model_path, benchmark_file, tmp_path):

@@ -176,21 +176,39 @@ def test_padding_and_zero_advantage_rows_are_zero():
     assert (got[1] == 0).all()
 
 
-def test_sampled_token_logprobs_avoid_full_vocabulary(monkeypatch):
-    """With token log-probs, sampled mode touches only the group's rows of W (never B x T x V)."""
-    hidden, ids, mask, weight, advantages = make_batch(11, 4, 5, 3, 400, 2)
-    logprobs = true_logprobs(hidden, ids, weight)
-    largest = []
-    real_exp = torch.Tensor.exp
+def block_shapes(monkeypatch):
+    """Record the shape of every (tokens x vocabulary) logits block the kernel builds."""
+    import trl_thr.thr as thr_module
 
-    def spy_exp(self):
-        largest.append(self.numel())
-        return real_exp(self)
+    shapes, real = [], thr_module._block_logits
 
-    monkeypatch.setattr(torch.Tensor, "exp", spy_exp)
-    compute_thr(hidden, ids, mask, weight, advantages, 2, token_logprobs=logprobs)
-    monkeypatch.undo()
-    assert max(largest) <= 2 * 5 * 7  # tokens of a group x distinct ids (< 7)
+    def recording(hidden, weight, bias, logit_kwargs):
+        out = real(hidden, weight, bias, logit_kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(thr_module, "_block_logits", recording)
+    return shapes
+
+
+def test_sampled_mode_with_token_logprobs_touches_only_the_groups_ids(monkeypatch):
+    """Never B x T x V: with the trainer's log-probs, sampled mode projects onto the group's ids only."""
+    hidden, ids, mask, weight, _ = make_batch(11, 4, 5, 3, 400, 2)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    shapes = block_shapes(monkeypatch)
+    compute_thr(hidden, ids, mask, weight, advantages, 2, token_logprobs=true_logprobs(hidden, ids, weight))
+    distinct = max(int(ids[g * 2 : g * 2 + 2][mask[g * 2 : g * 2 + 2].bool()].unique().numel()) for g in range(2))
+    assert shapes and max(columns for _, columns in shapes) <= distinct
+    assert max(rows for rows, _ in shapes) <= 2 * 5  # the tokens of one group
+
+
+def test_full_mode_respects_the_block_budget(monkeypatch):
+    hidden, ids, mask, weight, _ = make_batch(12, 4, 5, 3, 400, 2)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    shapes = block_shapes(monkeypatch)
+    compute_thr(hidden, ids, mask, weight, advantages, 2, vocab="full", block_elements=60)
+    assert shapes and max(rows * columns for rows, columns in shapes) <= 60
+    assert sum(columns for rows, columns in shapes) > 400  # the whole vocabulary was visited, block by block
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,8 @@ def token_thr_and_entropy(model, batch: GroupBatch, *, temperature=1.0, vocab="s
     return thr * mask, torch.stack(entropy_rows) * mask, logps * mask
 
 
-def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1, 0.2, 0.5), overlap_quantile=0.2):
+def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1, 0.2, 0.5), tau=None,
+                   overlap_quantile=0.2):
     """The numbers of the report: dominance per threshold mode, the correct/incorrect x sign split, and the overlap
     of high-|THR| with high-entropy tokens, all over the tokens of groups THR applies to."""
     G = batch.num_generations
@@ -114,6 +115,9 @@ def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1,
         taus = group_thresholds(thr, batch.advantages, batch.completion_mask, G, threshold="quantile", quantile=q,
                                 positive_mask=batch.correct)
         dominance[f"quantile_{q:g}"] = kept_fraction(taus)
+    if tau is not None:
+        dominance[f"absolute_{tau:g}"] = kept_fraction(group_thresholds(
+            thr, batch.advantages, batch.completion_mask, G, threshold="absolute", tau=tau, positive_mask=batch.correct))
     dominance["none"] = 1.0
     stats["dominant_fraction"] = dominance
 

@@ -59,8 +59,10 @@ PRESETS = {
     # Benchmarks
     "math-500": DatasetPreset("HuggingFaceH4/MATH-500", "test", "problem", "answer",
                               description="MATH-500 (Lightman et al. subset of the MATH test set)"),
-    "aime24": DatasetPreset("HuggingFaceH4/aime_2024", "train", "problem", "answer", description="AIME 2024, 30 problems"),
-    "aime25": DatasetPreset("yentinglin/aime_2025", "train", "problem", "answer", description="AIME 2025, 30 problems"),
+    "aime24": DatasetPreset("HuggingFaceH4/aime_2024", "train", "problem", "answer",
+                            description="AIME 2024, 30 problems"),
+    "aime25": DatasetPreset("yentinglin/aime_2025", "train", "problem", "answer",
+                            description="AIME 2025, 30 problems"),
     "amc23": DatasetPreset("math-ai/amc23", "test", "question", "answer", description="AMC 2023, 40 problems"),
     "minerva": DatasetPreset("math-ai/minervamath", "test", "question", "answer",
                              description="Minerva Math (OCWCourses), 272 problems"),

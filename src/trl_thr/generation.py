@@ -6,6 +6,7 @@ run draws the same samples as an uninterrupted one.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,7 +48,9 @@ def load_model_and_tokenizer(model_name_or_path: str, adapter: str | None = None
     """A causal LM (optionally with a LoRA adapter merged in) in eval mode, and its tokenizer (left padding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter or model_name_or_path)
+    # An adapter saved with its tokenizer (e.g. by trl-thr train) may have added tokens: prefer it.
+    has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model_name_or_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -25,7 +25,7 @@ class LaunchArguments:
     )
     accelerate_config: str | None = field(
         default=None,
-        metadata={"help": f"Accelerate preset ({', '.join(ACCELERATE_PRESETS)}) or path to an accelerate config file."},
+        metadata={"help": f"Accelerate preset ({', '.join(ACCELERATE_PRESETS)}) or an accelerate config file."},
     )
     num_machines: int = field(default=1, metadata={"help": "Machines taking part (multi-node)."})
     machine_rank: int = field(default=0, metadata={"help": "Rank of this machine (multi-node)."})

@@ -24,8 +24,9 @@ BUILTIN_MODELS = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TRL_THR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trl-thr"
-    return Path(root)
+    if os.environ.get("TRL_THR_CACHE"):
+        return Path(os.environ["TRL_THR_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trl-thr"
 
 
 def _complete(path: Path) -> bool:

@@ -54,7 +54,8 @@ def format_summary(summary: dict) -> str:
     if "reward_start" in summary:
         window = summary["reward_window"]
         span = "step" if window == 1 else f"{window} steps"
-        lines.append(f"Reward: {summary['reward_start']:.3f} (first {span}) -> {summary['reward_end']:.3f} (last {span})")
+        start, end = summary["reward_start"], summary["reward_end"]
+        lines.append(f"Reward: {start:.3f} (first {span}) -> {end:.3f} (last {span})")
     thr = {k: v for k, v in summary.items() if k.startswith("thr/")}
     if thr:
         lines.append("THR averages: " + ", ".join(f"{k[4:]}={v:.3g}" for k, v in thr.items()))

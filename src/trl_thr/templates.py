@@ -49,7 +49,9 @@ TEMPLATES = {
     # The same request in the user turn, for chat models whose template has no system slot or ignores it.
     "chat-boxed": PromptTemplate("chat-boxed", user="{question}\n" + BOXED_INSTRUCTION),
     # A short answer in a box, for small chat models that ramble when asked to reason step by step.
-    "chat-boxed-short": PromptTemplate("chat-boxed-short", user="{question}\nGive only the final answer, in \\boxed{}."),
+    "chat-boxed-short": PromptTemplate(
+        "chat-boxed-short", user="{question}\nGive only the final answer, in \\boxed{}."
+    ),
     # DeepSeek-R1-Zero's plain-text prompt: think, then answer in tags.
     "r1": PromptTemplate("r1", user=R1_PREAMBLE + " User: {question} Assistant: <think>", raw=True,
                          answer_format="answer-tag"),

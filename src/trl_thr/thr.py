@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -132,66 +133,71 @@ def _log_normaliser(
     return lse
 
 
+@dataclass
+class _GroupTokens:
+    """The counted tokens of one group in row-major order: `hidden` (N, d), `targets` (N,), `lse` (N,); row `j`
+    owns tokens `row_bounds[j]`."""
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    lse: torch.Tensor
+    row_bounds: list[tuple[int, int]]
+    logit_kwargs: dict
+
+    def chunks(self, row: int, size: int) -> Iterator[tuple[int, int]]:
+        start, end = self.row_bounds[row]
+        for chunk_start in range(start, end, size):
+            yield chunk_start, min(chunk_start + size, end)
+
+    def residual(self, block, start: int, end: int) -> torch.Tensor:
+        """`g = e_y - pi` restricted to the block's ids for tokens `start:end`, shape `(n, C)`."""
+        ids, weight, bias = block
+        targets = self.targets[start:end]
+        residual = (_block_logits(self.hidden[start:end], weight, bias, self.logit_kwargs)
+                    - self.lse[start:end, None]).exp_().neg_()
+        column = torch.searchsorted(ids, targets).clamp(max=ids.numel() - 1)
+        hits = torch.nonzero(ids[column] == targets).squeeze(1)
+        residual[hits, column[hits]] += 1
+        return residual
+
+    def row_matrix(self, block, row: int, coef: float, chunk: int) -> torch.Tensor:
+        """`coef * sum_k g_{row,k} h_{row,k}^T` on the block's ids, shape `(C, d)`."""
+        matrix = self.hidden.new_zeros(block[0].numel(), self.hidden.size(1))
+        for start, end in self.chunks(row, chunk):
+            matrix.addmm_(self.residual(block, start, end).T, self.hidden[start:end], alpha=coef)
+        return matrix
+
+
 def _group_thr(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    row_bounds: list[tuple[int, int]],
+    tokens: _GroupTokens,
     coef: list[float],
     compute_rows: list[bool],
-    vocab_ids: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    lm_head_bias: torch.Tensor | None,
+    blocks: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     include_self: bool,
-    logit_kwargs: dict,
     block_elements: int,
-    vocab_block_rows: int,
 ) -> torch.Tensor:
     """Unsigned THR `g^T M h` for every token of one group, shape `(N,)`.
 
-    `hidden` (N, d), `targets` (N,) and `lse` (N,) hold the group's counted tokens in row-major order; row `j` owns
-    tokens `row_bounds[j]`, enters `M` with coefficient `coef[j]` (`1/|y_j|` if positive, else 0), and gets a value
-    only if `compute_rows[j]`. `g^T M h` splits into a sum over vocabulary blocks, so each block is handled on its own
-    and at most `block_elements` (tokens x vocabulary) values exist at a time.
+    Row `j` enters `M` with coefficient `coef[j]` (`1/|y_j|` if positive, else 0) and gets a value only if
+    `compute_rows[j]`. `g^T M h` is a sum over vocabulary blocks, so each block is handled on its own and at most
+    `block_elements` (tokens x vocabulary) values exist at a time.
     """
-    thr = hidden.new_zeros(hidden.size(0))
-    for ids, weight, bias in _vocab_blocks(vocab_ids, lm_head_weight, lm_head_bias, vocab_block_rows, hidden.dtype):
-        token_chunk = max(1, block_elements // ids.numel())
-
-        def residual(start: int, end: int) -> torch.Tensor:
-            """`g` restricted to this block's ids for tokens `start:end`, shape `(n, C)`."""
-            probs = (_block_logits(hidden[start:end], weight, bias, logit_kwargs) - lse[start:end, None]).exp()
-            column = torch.searchsorted(ids, targets[start:end]).clamp(max=ids.numel() - 1)
-            hit = ids[column] == targets[start:end]
-            rows = torch.nonzero(hit).squeeze(1)
-            probs = probs.neg_()
-            probs[rows, column[rows]] += 1
-            return probs
-
-        def chunks(start: int, end: int) -> Iterator[tuple[int, int]]:
-            for chunk_start in range(start, end, token_chunk):
-                yield chunk_start, min(chunk_start + token_chunk, end)
-
-        def row_matrix(row: int) -> torch.Tensor:
-            """`coef_j * sum_k g_{j,k} h_{j,k}^T` restricted to this block, shape `(C, d)`."""
-            matrix = hidden.new_zeros(ids.numel(), hidden.size(1))
-            for start, end in chunks(*row_bounds[row]):
-                matrix.addmm_(residual(start, end).T, hidden[start:end], alpha=coef[row])
-            return matrix
-
-        positive = [row for row, c in enumerate(coef) if c > 0]
-        influence = hidden.new_zeros(ids.numel(), hidden.size(1))  # M, (C, d)
-        for row in positive:
-            influence += row_matrix(row)
+    thr = tokens.hidden.new_zeros(tokens.hidden.size(0))
+    for block in blocks:
+        chunk = max(1, block_elements // block[0].numel())
+        influence = tokens.hidden.new_zeros(block[0].numel(), tokens.hidden.size(1))  # M on this block, (C, d)
+        for row, c in enumerate(coef):
+            if c > 0:
+                influence += tokens.row_matrix(block, row, c, chunk)
         for row, wanted in enumerate(compute_rows):
             if not wanted:
                 continue
             row_influence = influence
             if not include_self and coef[row] > 0:
-                row_influence = influence - row_matrix(row)
-            for start, end in chunks(*row_bounds[row]):
-                projected = hidden[start:end] @ row_influence.T  # M h, (n, C)
-                thr[start:end] += (residual(start, end) * projected).sum(-1)
+                row_influence = influence - tokens.row_matrix(block, row, coef[row], chunk)
+            for start, end in tokens.chunks(row, chunk):
+                projected = tokens.hidden[start:end] @ row_influence.T  # M h, (n, C)
+                thr[start:end] += (tokens.residual(block, start, end) * projected).sum(-1)
     return thr
 
 
@@ -312,21 +318,9 @@ def compute_thr(
         else:
             vocab_ids = torch.arange(lm_head_weight.size(0), device=targets.device)
             vocab_block_rows = max(1, block_elements // max(1, max(group_lengths)))
-        values = _group_thr(
-            hidden,
-            targets,
-            lse,
-            row_bounds,
-            coef,
-            compute_rows,
-            vocab_ids,
-            lm_head_weight,
-            lm_head_bias,
-            include_self,
-            logit_kwargs,
-            block_elements,
-            vocab_block_rows,
-        )
+        tokens = _GroupTokens(hidden, targets, lse, row_bounds, logit_kwargs)
+        blocks = _vocab_blocks(vocab_ids, lm_head_weight, lm_head_bias, vocab_block_rows, dtype)
+        values = _group_thr(tokens, coef, compute_rows, blocks, include_self, block_elements)
         token_signs = signs.to(dtype).repeat_interleave(lengths[rows])
         thr[rows][group_mask] = token_signs * values
     return thr

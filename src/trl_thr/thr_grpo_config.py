@@ -223,9 +223,10 @@ class THRGRPOConfig(GRPOConfig):
         if local_rows % self.num_generations != 0:
             raise ValueError(
                 f"THR needs whole groups on each process: per_device_train_batch_size * steps_per_generation = "
-                f"{self.per_device_train_batch_size} * {self.steps_per_generation} = {local_rows} is not a multiple of "
-                f"num_generations={self.num_generations}. Change per_device_train_batch_size or steps_per_generation "
-                f"(which defaults to gradient_accumulation_steps) so that their product is a multiple of "
+                f"{self.per_device_train_batch_size} * {self.steps_per_generation} = {local_rows} is not a multiple "
+                f"of num_generations={self.num_generations}. Change per_device_train_batch_size or "
+                f"steps_per_generation (which defaults to gradient_accumulation_steps) so that their product is a "
+                f"multiple of "
                 f"{self.num_generations}."
             )
         if self.eval_strategy != "no":

@@ -14,6 +14,8 @@ from .gspo_token import sequence_token_old_logps
 from .thr import active_groups, compute_thr, group_thresholds, scheduled_p, thr_weights, top_fraction_threshold
 from .thr_grpo_config import THRGRPOConfig
 
+THR_TITLE = "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning"
+
 # Keys of the generation batch that `_get_per_token_logps_and_entropies` takes as keyword arguments (multimodal).
 _FORWARD_KEYS = (
     "pixel_values",
@@ -116,17 +118,18 @@ class THRGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "thr"]
     _name = "THR-GRPO"
     _paper = {
-        "title": "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning",
+        "title": THR_TITLE,
         "id": "2510.03669",
         # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @inproceedings{deng2026thr,
-                title        = {{Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning}},
-                author       = {W. Deng and Y. Ren and Y. Li and B. Gong and D. J. Sutherland and X. Li and C. Thrampoulidis},
-                booktitle    = {International Conference on Learning Representations},
-                year         = 2026,
-                eprint       = {arXiv:2510.03669},
-            }"""),
+        "citation": textwrap.dedent(f"""\
+            @inproceedings{{deng2026thr,
+                title     = {{{THR_TITLE}}},
+                author    = {{W. Deng and Y. Ren and Y. Li and B. Gong and D. J. Sutherland and X. Li and
+                              C. Thrampoulidis}},
+                booktitle = {{International Conference on Learning Representations}},
+                year      = 2026,
+                eprint    = {{arXiv:2510.03669}},
+            }}"""),
     }
 
     def __init__(self, model, reward_funcs=None, args: THRGRPOConfig | None = None, **kwargs):
@@ -247,12 +250,6 @@ class THRGRPOTrainer(GRPOTrainer):
         # The module TRL's fused LM head runs (`base_model`); its output is the final-norm hidden state.
         return self._unwrapped_causal_lm(model).base_model
 
-    @contextmanager
-    def _lm_head(self):
-        """Full LM-head weight `(V, d)` and bias, gathered when ZeRO-3 or FSDP2 shards them."""
-        with full_lm_head(self._unwrapped_causal_lm().get_output_embeddings()) as (weight, bias):
-            yield weight, bias
-
     def _old_policy_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One no-grad forward of the current (old) policy: `(old_per_token_logps (B, T), hidden (B, T, d))`."""
         mode = "train" if self.model.training else "eval"
@@ -337,7 +334,7 @@ class THRGRPOTrainer(GRPOTrainer):
             mask = mask * batch["tool_mask"]
         positive = self._positive_mask(num_rows)
 
-        with self._lm_head() as (weight, bias):
+        with full_lm_head(self._unwrapped_causal_lm().get_output_embeddings()) as (weight, bias):
             thr = compute_thr(
                 hidden_states,
                 batch["completion_ids"],

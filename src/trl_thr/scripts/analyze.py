@@ -37,6 +37,9 @@ class AnalyzeArguments(ProblemArguments):
     thr_vocab: str = field(default="sampled", metadata={"help": "sampled or full.", "choices": ["sampled", "full"]})
     thr_include_self: bool = field(default=True, metadata={"help": "Count i = j in THR's sum."})
     thr_beta: float = field(default=1.0, metadata={"help": "Anchor threshold multiplier."})
+    thr_tau: float | None = field(
+        default=None, metadata={"help": "Also report the dominant fraction under this absolute threshold."}
+    )
     overlap_quantile: float = field(
         default=0.2, metadata={"help": "Top fraction of tokens by |THR| and by entropy compared for the overlap."}
     )
@@ -107,7 +110,8 @@ def analyze(args):
     thr, entropy, _ = token_thr_and_entropy(model, batch, temperature=args.temperature or 1.0, vocab=args.thr_vocab,
                                             include_self=args.thr_include_self,
                                             **logit_transform_from_config(model.config))
-    stats = thr_statistics(thr, entropy, batch, beta=args.thr_beta, overlap_quantile=args.overlap_quantile)
+    stats = thr_statistics(thr, entropy, batch, beta=args.thr_beta, tau=args.thr_tau,
+                           overlap_quantile=args.overlap_quantile)
     stats["ungradable_prompts"] = skipped
     stats["accuracy"] = sum(correct) / len(correct)
 

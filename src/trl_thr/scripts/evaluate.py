@@ -23,7 +23,8 @@ from trl_thr.errors import UsageError
 @dataclass
 class EvalArguments(ProblemArguments):
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Model (hub id, local directory, or builtin:tiny-qwen2). Base model for an adapter."}
+        default=None,
+        metadata={"help": "Model (hub id, local directory, or builtin:tiny-qwen2); the base model of an adapter."},
     )
     adapter_name_or_path: str | None = field(
         default=None, metadata={"help": "LoRA adapter to merge into the model before evaluating."}
@@ -84,7 +85,7 @@ def make_generate(args, backend, model_path):
         from transformers import AutoTokenizer
 
         if args.adapter_name_or_path:
-            raise UsageError("the vLLM backend evaluates merged models; merge the adapter or use backend=transformers.")
+            raise UsageError("the vLLM backend takes merged models: merge the adapter or use backend=transformers.")
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         generator = VLLMGenerator(model_path, tokenizer, seed=args.seed, dtype=args.dtype,
                                   gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -94,8 +95,8 @@ def make_generate(args, backend, model_path):
         generator = TransformersGenerator(model, tokenizer, args.batch_size)
 
     def generate(prompt_text, num_samples, temperature, seed):
-        return [s.text for s in generator.generate(prompt_text, num_samples, replace(settings, temperature=temperature),
-                                                   seed)]
+        samples = generator.generate(prompt_text, num_samples, replace(settings, temperature=temperature), seed)
+        return [sample.text for sample in samples]
 
     return generate, tokenizer
 

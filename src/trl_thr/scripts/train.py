@@ -114,7 +114,7 @@ def load_datasets(script_args, training_args, mixture_args):
                                         data_files=script_args.dataset_data_files,
                                         max_samples=script_args.max_train_samples)
     else:
-        raise UsageError("no training data: set dataset_name (a preset, 'arithmetic', a file or a hub id) or datasets.")
+        raise UsageError("no training data: set dataset_name (a preset, 'arithmetic', a file, a hub id) or datasets.")
     evaluation = None
     if training_args.eval_strategy != "no":
         if not script_args.eval_dataset_name:
@@ -159,8 +159,12 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
     try:
         train_dataset, eval_dataset, template = load_datasets(script_args, training_args, mixture_args)
         reward_funcs = load_reward_funcs(script_args.reward_funcs, script_args.reward_on_error)
-        model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
-                             "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
+        model_init_kwargs = {
+            "revision": model_args.model_revision,
+            "trust_remote_code": training_args.trust_remote_code,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": model_args.dtype,
+        }
         training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
         trainer = THRGRPOTrainer(
             model=model_path,

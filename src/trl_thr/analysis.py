@@ -116,8 +116,9 @@ def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1,
                                 positive_mask=batch.correct)
         dominance[f"quantile_{q:g}"] = kept_fraction(taus)
     if tau is not None:
-        dominance[f"absolute_{tau:g}"] = kept_fraction(group_thresholds(
-            thr, batch.advantages, batch.completion_mask, G, threshold="absolute", tau=tau, positive_mask=batch.correct))
+        taus = group_thresholds(thr, batch.advantages, batch.completion_mask, G, threshold="absolute", tau=tau,
+                                positive_mask=batch.correct)
+        dominance[f"absolute_{tau:g}"] = kept_fraction(taus)
     dominance["none"] = 1.0
     stats["dominant_fraction"] = dominance
 

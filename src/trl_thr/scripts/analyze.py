@@ -14,9 +14,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trl import TrlParser
-
 from trl_thr.arguments import ProblemArguments, load_problems
+from trl_thr.cli import parse_arguments, run
 from trl_thr.errors import UsageError
 
 
@@ -51,15 +50,7 @@ class AnalyzeArguments(ProblemArguments):
 
 
 def parse_args(argv):
-    try:
-        args, from_config, from_cli = TrlParser((AnalyzeArguments,), prog="trl-thr analyze").parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    unknown = [s for s in from_config + from_cli if s.startswith("--")] or from_config + from_cli
-    if unknown:
-        raise UsageError(f"unknown argument(s): {' '.join(unknown)}. See `trl-thr analyze --help`.")
+    (args,) = parse_arguments((AnalyzeArguments,), argv, "analyze")
     if args.model_name_or_path is None or args.dataset_name is None:
         raise UsageError("set model_name_or_path and dataset_name.")
     if args.num_generations < 2:
@@ -146,8 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as error:
-        print(f"trl-thr analyze: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run("analyze"))

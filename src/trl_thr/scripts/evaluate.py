@@ -14,9 +14,8 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trl import TrlParser
-
 from trl_thr.arguments import ProblemArguments, load_problems
+from trl_thr.cli import parse_arguments, run
 from trl_thr.errors import UsageError
 
 
@@ -64,15 +63,7 @@ class EvalArguments(ProblemArguments):
 
 
 def parse_args(argv):
-    try:
-        args, from_config, from_cli = TrlParser((EvalArguments,), prog="trl-thr eval").parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    unknown = [s for s in from_config + from_cli if s.startswith("--")] or from_config + from_cli
-    if unknown:
-        raise UsageError(f"unknown argument(s): {' '.join(unknown)}. See `trl-thr eval --help`.")
+    (args,) = parse_arguments((EvalArguments,), argv, "eval")
     return args
 
 
@@ -180,8 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as error:
-        print(f"trl-thr eval: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run("eval"))

@@ -16,9 +16,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
 from trl_thr.arguments import ProblemArguments, load_problems
+from trl_thr.cli import parse_arguments, run
 from trl_thr.errors import UsageError
 from trl_thr.launch import LaunchArguments, accelerate_launch_args, launch_script, wants_launch
 from trl_thr.thr_grpo_config import THRGRPOConfig
@@ -54,46 +55,21 @@ class THRScriptArguments(ScriptArguments, ProblemArguments):
     plot: bool = field(default=True, metadata={"help": "Save thr_metrics.png (reward and THR metrics) at the end."})
 
 
-def make_parser(prog: str = "trl-thr train") -> TrlParser:
-    return TrlParser(
-        (THRScriptArguments, THRGRPOConfig, ModelConfig, DatasetMixtureConfig, LaunchArguments), prog=prog
-    )
-
-
-def _option_names(strings: list[str]) -> list[str]:
-    return [s for s in strings if s.startswith("--")] or strings
+DATACLASSES = (THRScriptArguments, THRGRPOConfig, ModelConfig, DatasetMixtureConfig, LaunchArguments)
 
 
 def parse_args(argv: list[str]):
-    """`(script_args, training_args, model_args, mixture_args, launch_args)`; unknown keys are a UsageError."""
+    """`((script, training, model, mixture, launch) args, argv)`; without `--config` the demo config is the base."""
     argv = list(argv)
-    config = None
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise UsageError("--config needs a YAML file.")
-        config = argv[index + 1]
-        if not Path(config).is_file():
-            raise UsageError(f"config file {config} does not exist.")
+        if not Path(argv[index + 1]).is_file():
+            raise UsageError(f"config file {argv[index + 1]} does not exist.")
     elif not any(a in ("-h", "--help") for a in argv):
         argv = ["--config", DEMO_CONFIG] + argv
-        config = DEMO_CONFIG
-    try:
-        *parsed, from_config, from_cli = make_parser().parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except ValueError as error:  # raised by a config's __post_init__, with the field and the fix
-        raise UsageError(str(error)) from error
-    if from_config:
-        raise UsageError(
-            f"unknown key(s) in {config}: {', '.join(n.lstrip('-') for n in _option_names(from_config))}. "
-            "See `trl-thr train --help` for the accepted fields."
-        )
-    if from_cli:
-        raise UsageError(
-            f"unknown argument(s): {' '.join(_option_names(from_cli))}. See `trl-thr train --help`."
-        )
-    return tuple(parsed), argv
+    return parse_arguments(DATACLASSES, argv, "train"), argv
 
 
 def load_datasets(script_args, training_args, mixture_args):
@@ -219,9 +195,5 @@ def main(argv: list[str] | None = None):
     return train(script_args, training_args, model_args, mixture_args, launch_args, model_path)
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as error:
-        print(f"trl-thr train: error: {error}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # `accelerate launch` runs this file
+    sys.exit(run("train"))

@@ -200,7 +200,7 @@ class THRGRPOTrainer(GRPOTrainer):
                     "THRGRPOTrainer expected GRPOTrainer to compute old_per_token_logps in this configuration and "
                     "found none; the installed TRL version is not the one trl-thr supports (trl>=1.16,<1.17)."
                 )
-        forward_seconds = time.perf_counter() - start
+        forward_seconds = self._seconds_since(start)
         batch["thr_weights"] = self._compute_thr_weights(batch, hidden_states, forward_seconds)
         return batch
 
@@ -241,6 +241,11 @@ class THRGRPOTrainer(GRPOTrainer):
             self._loss_inputs = None
 
     # ---- THR ------------------------------------------------------------------------------------------------------
+
+    def _seconds_since(self, start: float) -> float:
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # kernels run asynchronously: time their completion, not their launch
+        return time.perf_counter() - start
 
     def _unwrapped_causal_lm(self, model=None):
         unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
@@ -365,7 +370,7 @@ class THRGRPOTrainer(GRPOTrainer):
             positive_mask=positive,
         )
         self._log_thr_metrics(mode, thr, weights, taus, advantages, mask, num_generations, positive, p,
-                              time.perf_counter() - start, forward_seconds)
+                              self._seconds_since(start), forward_seconds)
         return weights
 
     def _log_thr_metrics(self, mode, thr, weights, taus, advantages, mask, num_generations, positive, p, seconds,

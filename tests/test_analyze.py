@@ -176,6 +176,8 @@ def test_analyze_end_to_end(tiny_model_path, tmp_path):
         (["--model_name_or_path", "m", "--dataset_name", "arithmetic", "--overlap_quantile", "0"],
          r"overlap_quantile must be in \(0, 1\]"),
         (["--model_name_or_path", "m", "--dataset_name", "a", "--colour", "x"], "unknown argument"),
+        (["--model_name_or_path", "m", "--dataset_name", "arithmetic", "--num_prompts", "0"],
+         "num_prompts must be >= 1"),
     ],
 )
 def test_analyze_usage_errors(argv, message):

@@ -51,6 +51,21 @@ def test_usage_errors(argv, message):
         parse_args(argv)
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--resume_from_checkpoint", "/no/such/checkpoint"], "resume_from_checkpoint=/no/such/checkpoint is not"),
+        (["--max_train_samples", "0"], "max_train_samples must be >= 1"),
+        (["--dataset_name", "missing.jsonl"], "Dataset file missing.jsonl does not exist"),
+        (["--reward_funcs", "acuracy"], "must be a name"),
+    ],
+)
+def test_setup_errors_before_training(argv, message, tiny_model_path, tmp_path, capsys):
+    code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(tmp_path),
+                 *argv])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_unknown_yaml_key_is_named(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(open(TINY).read() + "thr_alpha: 0.5\nlearning_rat: 1.0\n")

@@ -209,11 +209,20 @@ def test_vllm_backend_path(tiny_model_path, benchmark_file, tmp_path):
         (["--k_values", "1", "32"], r"k_values \[32\] must be in \[1, n_samples=4\]"),
         (["--backend", "vllm"], r'pip install "trl-thr\[vllm\]"'),
         (["--prompt_template", "nope"], "neither a template name"),
+        (["--k_values", "0", "1"], "k_values must be >= 1"),
+        (["--batch_size", "0"], "batch_size must be >= 1"),
+        (["--max_problems", "0"], "max_problems must be >= 1"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
     ],
 )
 def test_eval_usage_errors(argv, message, tiny_model_path, benchmark_file, tmp_path):
     with pytest.raises(UsageError, match=message):
         eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path) + argv)
+
+
+def test_eval_unknown_model_path(benchmark_file, tmp_path):
+    with pytest.raises(UsageError, match="no-such-model"):
+        eval_script.main(eval_args(str(tmp_path / "no-such-model"), benchmark_file, tmp_path))
 
 
 def test_eval_needs_a_model_or_results():

@@ -135,6 +135,15 @@ def test_groups_with_equal_rewards_or_no_positive_are_zero():
     assert compute_thr(hidden, ids, mask, weight, advantages, 3).abs().sum() == 0
 
 
+def test_equal_rewards_with_a_rounding_residue_are_skipped():
+    """TRL's group mean of equal rewards can be off by one ulp; normalised, that is a small non-zero advantage."""
+    hidden, ids, mask, weight, _ = make_batch(6, 8, 4, 3, 9, 8, ragged=False)
+    rewards = torch.full((8,), 0.3)
+    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-4)  # TRL's formula, float32
+    assert (advantages != 0).all() and (advantages == advantages[0]).all()
+    assert compute_thr(hidden, ids, mask, weight, advantages.double(), 8).abs().sum() == 0
+
+
 def test_single_positive_completion():
     hidden, ids, mask, weight, _ = make_batch(7, 4, 5, 3, 9, 4)
     advantages = torch.tensor([1.5, -0.5, -0.5, -0.5], dtype=torch.float64)

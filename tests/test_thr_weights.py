@@ -39,6 +39,12 @@ def test_anchor_threshold_is_beta_times_smallest_positive_mean():
     assert group_thresholds(THR, ADV, MASK, 3, beta=2.0)[0].item() == pytest.approx(0.30)
 
 
+def test_equal_advantages_mean_an_inactive_group():
+    advantages = torch.full((3,), 2.98e-4)  # equal rewards, rounding residue
+    got = thr_weights(torch.ones(3, 3), advantages, torch.ones(3, 3), 3, strategy="positive-amplify")
+    torch.testing.assert_close(got, torch.ones(3, 3))
+
+
 def test_positive_amplify():
     check(weights(strategy="positive-amplify", p=0.1),
           [[1.1, 0.9, 0.0], [0.9, 1.1, 0.0], [0.0, 0.9, 1.1]])
@@ -128,6 +134,9 @@ def test_weights_non_negative_and_zero_on_padding(strategy, threshold):
         (dict(strategy="positive-amplify", threshold="quantile", quantile=1.5), "needs quantile in"),
         (dict(strategy="positive-amplify", threshold="absolute"), "needs tau"),
         (dict(strategy="positive-amplify", threshold="quantile", quantile=0.5, quantile_scope="x"), "quantile_scope"),
+        (dict(strategy="positive-amplify", quantile_scope="x"), "quantile_scope must be one of"),
+        (dict(strategy="dominant-only", threshold="absolute", tau=torch.ones(3)), "one value per group"),
+        (dict(strategy="positive-amplify", positive_mask=torch.ones(4, dtype=torch.bool)), "positive_mask must have"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -241,6 +241,20 @@ def test_one_old_policy_forward_when_trl_runs_none(tiny_model_path, tmp_path):
     assert {"old_per_token_logps", "thr_weights"} <= batch.keys()
 
 
+def test_dropout_keeps_trls_on_policy_ratio(tiny_model_path, tmp_path):
+    """With dropout on, a separate forward's log-probs would put mask noise into the PPO ratio: THR leaves TRL's
+    ratio of exactly 1 alone and still runs a single forward."""
+    from peft import LoraConfig
+
+    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset(),
+                             peft_config=LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.3))
+    calls, batch = count_generation_forwards(trainer)
+    assert calls == 1
+    assert "old_per_token_logps" not in batch and batch["thr_weights"].shape == batch["completion_ids"].shape
+
+
 def test_reuses_trls_forward_when_it_runs_one(tiny_model_path, tmp_path):
     args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, num_iterations=2)
     trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
@@ -321,7 +335,7 @@ def test_peft_captures_the_adapted_policy_not_the_reference(tiny_model_path, tmp
                                                     init_lora_weights=False))
     captured = []
     original = trainer._compute_thr_weights
-    trainer._compute_thr_weights = lambda batch, hidden, s: captured.append(hidden) or original(batch, hidden, s)
+    trainer._compute_thr_weights = lambda batch, hidden, *more: captured.append(hidden) or original(batch, hidden, *more)
     batch = trainer._generate_and_score_completions(list(tiny_dataset())[:2] * 2)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)

@@ -24,11 +24,16 @@ class ProblemArguments:
 
 
 def load_problems(name: str, args: ProblemArguments, *, seed: int, data_files: str | None = None,
-                  max_samples: int | None = None):
-    """`(dataset with question/solution/prompt columns, template)` for a dataset name and `args`."""
+                  max_samples: int | None = None, max_samples_field: str = "max_samples"):
+    """`(dataset with question/solution/prompt columns, template)` for a dataset name and `args`.
+
+    `max_samples` keeps a seeded random subset; `max_samples_field` names it in errors.
+    """
     from .data import limit, load_math_dataset, with_prompts
     from .templates import get_template
 
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"{max_samples_field} must be >= 1 (or unset for all problems), got {max_samples}.")
     template = get_template(args.prompt_template)
     dataset = load_math_dataset(name, question_column=args.question_column, answer_column=args.answer_column,
                                 num_samples=args.num_samples, seed=seed, data_files=data_files,

@@ -196,10 +196,12 @@ def check_ks(ks: list[int], n: int) -> list[int]:
     ks = sorted(set(ks))
     if not ks:
         raise ValueError("k_values is empty.")
+    if ks[0] < 1:
+        raise ValueError(f"k_values must be >= 1, got {ks[0]}.")
     too_large = [k for k in ks if k > n]
-    if too_large or ks[0] < 1:
+    if too_large:
         raise ValueError(
-            f"k_values {too_large or ks} must be in [1, n_samples={n}]: pass@k needs at least k samples per problem. "
+            f"k_values {too_large} must be in [1, n_samples={n}]: pass@k needs at least k samples per problem. "
             f"Raise n_samples to {max(ks)} or drop those K."
         )
     return ks

@@ -54,6 +54,8 @@ def load_model_and_tokenizer(model_name_or_path: str, adapter: str | None = None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype={dtype!r} must be auto, bfloat16, float16 or float32.")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype)
     if adapter is not None:

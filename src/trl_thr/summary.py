@@ -18,7 +18,8 @@ PLOTTED = (
 
 
 def metric_series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """`(steps, values)` of a logged training metric, skipping NaN and evaluation entries."""
+    """`(steps, values)` of a logged metric, skipping entries without it and NaN (evaluation metrics are logged
+    under other names, `eval_...`)."""
     steps, values = [], []
     for entry in log_history:
         value = entry.get(key)

@@ -67,13 +67,16 @@ def active_groups(
     num_generations: int,
     positive_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Groups THR applies to, shape `(B // G,)` bool: a non-empty positive set and at least one non-zero advantage.
+    """Groups THR applies to, shape `(B // G,)` bool: a non-empty positive set, and advantages that are not all equal.
 
-    Every other group gets THR 0 and weight 1 (its advantages are 0, or there is nothing to be "positive" about).
+    Every other group gets THR 0 and weight 1: its completions all got the same reward, or nothing in it is
+    "positive". Equal rewards are recognised by equal advantages rather than zero ones, because the group mean of
+    equal rewards can leave a rounding residue that the std normalisation blows up (rewards of 0.3 give A = +3e-4).
     """
     positive = positive_rows(advantages, completion_mask, positive_mask).view(-1, num_generations)
-    moving = (advantages != 0).view(-1, num_generations)
-    return positive.any(dim=1) & moving.any(dim=1)
+    grouped = advantages.view(-1, num_generations)
+    spread = grouped.amax(dim=1) > grouped.amin(dim=1)
+    return positive.any(dim=1) & spread
 
 
 def _check_group_layout(name: str, batch_size: int, num_generations: int) -> None:
@@ -352,7 +355,13 @@ def group_thresholds(
     """
     if threshold not in THRESHOLD_MODES:
         raise ValueError(f"threshold must be one of {THRESHOLD_MODES}, got {threshold!r}.")
+    if quantile_scope not in QUANTILE_SCOPES:
+        raise ValueError(f"quantile_scope must be one of {QUANTILE_SCOPES}, got {quantile_scope!r}.")
     _check_group_layout("thr", thr.size(0), num_generations)
+    _check_shape("advantages", advantages, (thr.size(0),))
+    _check_shape("completion_mask", completion_mask, tuple(thr.shape))
+    if positive_mask is not None:
+        _check_shape("positive_mask", positive_mask, (thr.size(0),))
     num_groups = thr.size(0) // num_generations
     mask = completion_mask.bool()
     active = active_groups(advantages, completion_mask, num_generations, positive_mask)
@@ -363,7 +372,10 @@ def group_thresholds(
     elif threshold == "absolute":
         if tau is None:
             raise ValueError('threshold="absolute" needs tau (a float or a (num_groups,) tensor).')
-        tau = torch.as_tensor(tau, dtype=torch.float32, device=thr.device).expand(num_groups)
+        tau = torch.as_tensor(tau, dtype=torch.float32, device=thr.device)
+        if tau.numel() not in (1, num_groups):
+            raise ValueError(f"tau must be a float or have one value per group ({num_groups}), got {tau.numel()}.")
+        tau = tau.reshape(-1).expand(num_groups)
         taus[active] = tau[active]
     elif threshold == "anchor":
         row_means = (thr * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
@@ -373,8 +385,6 @@ def group_thresholds(
     else:
         if quantile is None or not 0 < quantile <= 1:
             raise ValueError(f'threshold="quantile" needs quantile in (0, 1], got {quantile!r}.')
-        if quantile_scope not in QUANTILE_SCOPES:
-            raise ValueError(f"quantile_scope must be one of {QUANTILE_SCOPES}, got {quantile_scope!r}.")
         magnitudes = thr.abs().float().view(num_groups, num_generations, -1)
         group_mask = mask.view(num_groups, num_generations, -1)
         if quantile_scope == "batch":
@@ -434,6 +444,8 @@ def thr_weights(
         raise ValueError(f"|p| must be < 1 so that weights stay non-negative, got p={p}.")
     _check_shape("advantages", advantages, (thr.size(0),))
     _check_shape("completion_mask", completion_mask, tuple(thr.shape))
+    if positive_mask is not None:
+        _check_shape("positive_mask", positive_mask, (thr.size(0),))
     ones = completion_mask.float()
     if strategy == "none":
         return ones

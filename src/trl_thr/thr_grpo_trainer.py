@@ -41,8 +41,9 @@ class _HiddenStateCapture:
     def attach(self, backbone: torch.nn.Module, logits_to_keep: int):
         def hook(module, args, output):
             hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-            # Same alignment as TRL's fused head: the state at position t predicts token t + 1.
-            self.chunks.append(hidden[:, :-1][:, -logits_to_keep:].detach())
+            # Same alignment as TRL's fused head: the state at position t predicts token t + 1. A copy, so the
+            # prompt positions' storage is freed with the forward.
+            self.chunks.append(hidden[:, :-1][:, -logits_to_keep:].detach().clone())
 
         handle = backbone.register_forward_hook(hook)
         try:
@@ -54,6 +55,20 @@ class _HiddenStateCapture:
     def hidden_states(self) -> torch.Tensor | None:
         """`(B, T, d)`, or `None` if the forward never reached the backbone."""
         return torch.cat(self.chunks) if self.chunks else None
+
+
+def _has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward of `model` in its current mode is random: dropout modules (LoRA's too) with p > 0, or a
+    functional dropout rate in the config (e.g. `attention_dropout`)."""
+    if not model.training:
+        return False
+    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if config is not None else None
+    rates = [value for name, value in vars(config or object()).items()
+             if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float)]
+    return any(rate > 0 for rate in rates)
 
 
 def logit_transform_from_config(config) -> dict:
@@ -192,16 +207,19 @@ class THRGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         if capture is None:
             old_logps, hidden_states = self._old_policy_forward(batch)
-            batch.setdefault("old_per_token_logps", old_logps)
+            # TRL uses the training forward's own detached log-probs here (a ratio of exactly 1). Ours equal them
+            # unless dropout is active, in which case another mask would turn the ratio into noise: keep TRL's.
+            if not _has_active_dropout(self.model):
+                batch.setdefault("old_per_token_logps", old_logps)
         else:
-            hidden_states = capture.hidden_states
-            if hidden_states is None or "old_per_token_logps" not in batch:
+            hidden_states, old_logps = capture.hidden_states, batch.get("old_per_token_logps")
+            if hidden_states is None or old_logps is None:
                 raise RuntimeError(
                     "THRGRPOTrainer expected GRPOTrainer to compute old_per_token_logps in this configuration and "
                     "found none; the installed TRL version is not the one trl-thr supports (trl>=1.16,<1.17)."
                 )
         forward_seconds = self._seconds_since(start)
-        batch["thr_weights"] = self._compute_thr_weights(batch, hidden_states, forward_seconds)
+        batch["thr_weights"] = self._compute_thr_weights(batch, hidden_states, forward_seconds, old_logps)
         return batch
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -320,8 +338,12 @@ class THRGRPOTrainer(GRPOTrainer):
             positive_mask=positive,
         )
 
-    def _compute_thr_weights(self, batch: dict, hidden_states: torch.Tensor, forward_seconds: float) -> torch.Tensor:
-        """THR weights `(B, T)` for a generation batch whose rows are whole, consecutive groups."""
+    def _compute_thr_weights(self, batch: dict, hidden_states: torch.Tensor, forward_seconds: float,
+                             token_logprobs: torch.Tensor) -> torch.Tensor:
+        """THR weights `(B, T)` for a generation batch whose rows are whole, consecutive groups.
+
+        `token_logprobs` `(B, T)` are the log-probs of the forward that produced `hidden_states`.
+        """
         start = time.perf_counter()
         args = self.args
         mode = "train" if self.model.training else "eval"
@@ -350,7 +372,7 @@ class THRGRPOTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 vocab=args.thr_vocab,
                 include_self=args.thr_include_self,
-                token_logprobs=batch["old_per_token_logps"],
+                token_logprobs=token_logprobs,
                 positive_mask=positive,
                 lm_head_bias=bias,
                 block_elements=args.thr_block_elements,

@@ -44,7 +44,8 @@ class AnalyzeArguments(ProblemArguments):
     )
     top_tokens: int = field(default=20, metadata={"help": "Largest positive and negative THR tokens listed."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per generate call."})
-    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype.",
+                                                 "choices": ["auto", "bfloat16", "float16", "float32"]})
     seed: int = field(default=0, metadata={"help": "Seed; prompt i samples with seed + i."})
     output_dir: str = field(default="thr_analysis", metadata={"help": "Where the report goes."})
 
@@ -72,14 +73,14 @@ def analyze(args):
 
     try:
         dataset, template = load_problems(args.dataset_name, args, seed=args.seed, data_files=args.dataset_data_files,
-                                          max_samples=args.num_prompts)
+                                          max_samples=args.num_prompts, max_samples_field="num_prompts")
         settings = SamplingSettings(args.temperature, args.top_p, args.max_new_tokens)
         model, tokenizer = load_model_and_tokenizer(resolve_model(args.model_name_or_path), args.adapter_name_or_path,
                                                     args.dtype)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+        generator = TransformersGenerator(model, tokenizer, args.batch_size)
+    except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError: a model path or id not found
         raise UsageError(str(error)) from error
 
-    generator = TransformersGenerator(model, tokenizer, args.batch_size)
     prompt_ids, completion_ids, rewards, correct, shown_prompts, skipped = [], [], [], [], [], 0
     for index, row in enumerate(tqdm(list(dataset), desc="prompts")):
         text = render_prompt(tokenizer, row["prompt"])

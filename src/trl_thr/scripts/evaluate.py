@@ -51,7 +51,8 @@ class EvalArguments(ProblemArguments):
         default="auto", metadata={"help": "auto (vLLM if installed and a GPU is present), vllm or transformers.",
                                   "choices": ["auto", "vllm", "transformers"]}
     )
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype.",
+                                                 "choices": ["auto", "bfloat16", "float16", "float32"]})
     vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM backend only."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM backend only."})
     seed: int = field(default=0, metadata={"help": "Seed; problem i samples with seed + i."})
@@ -101,10 +102,10 @@ def evaluate(args) -> dict:
     try:
         ks = check_ks(args.k_values, args.n_samples)
         dataset, template = load_problems(args.benchmark, args, seed=args.seed, data_files=args.benchmark_data_files,
-                                          max_samples=args.max_problems)
+                                          max_samples=args.max_problems, max_samples_field="max_problems")
         backend = choose_backend(args.backend)
-        model_path = resolve_model(args.model_name_or_path)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+        generate, tokenizer = make_generate(args, backend, resolve_model(args.model_name_or_path))
+    except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError: a model path or id not found
         raise UsageError(str(error)) from error
 
     questions, golds = list(dataset["question"]), list(dataset["solution"])
@@ -114,7 +115,6 @@ def evaluate(args) -> dict:
                             seed=args.seed, backend=backend, greedy=args.greedy,
                             problems_digest=problems_digest(questions, golds))
     cache = GenerationCache(Path(args.output_dir) / "cache" / f"{settings.key()}.jsonl")
-    generate, tokenizer = make_generate(args, backend, model_path)
     prompts = [render_prompt(tokenizer, prompt) for prompt in dataset["prompt"]]
     records = run_generation(questions, prompts, generate, settings, cache, greedy=args.greedy)
     result = score(questions, golds, records, ks, args.lenient)

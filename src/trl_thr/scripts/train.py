@@ -88,7 +88,8 @@ def load_datasets(script_args, training_args, mixture_args):
     elif script_args.dataset_name:
         train, template = load_problems(script_args.dataset_name, script_args, seed=seed,
                                         data_files=script_args.dataset_data_files,
-                                        max_samples=script_args.max_train_samples)
+                                        max_samples=script_args.max_train_samples,
+                                        max_samples_field="max_train_samples")
     else:
         raise UsageError("no training data: set dataset_name (a preset, 'arithmetic', a file, a hub id) or datasets.")
     evaluation = None
@@ -96,7 +97,8 @@ def load_datasets(script_args, training_args, mixture_args):
         if not script_args.eval_dataset_name:
             raise UsageError(f"eval_strategy={training_args.eval_strategy!r} needs eval_dataset_name.")
         evaluation, _ = load_problems(script_args.eval_dataset_name, script_args, seed=seed,
-                                      max_samples=script_args.max_eval_samples)
+                                      max_samples=script_args.max_eval_samples,
+                                      max_samples_field="max_eval_samples")
     return train, evaluation, template
 
 
@@ -132,6 +134,10 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
     from trl_thr.summary import RunSummaryCallback
     from trl_thr.thr_grpo_trainer import THRGRPOTrainer
 
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise UsageError(f"resume_from_checkpoint={checkpoint} is not a directory (e.g. {training_args.output_dir}"
+                         "/checkpoint-500).")
     try:
         train_dataset, eval_dataset, template = load_datasets(script_args, training_args, mixture_args)
         reward_funcs = load_reward_funcs(script_args.reward_funcs, script_args.reward_on_error)
@@ -158,7 +164,7 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
     if trainer.accelerator.is_main_process:
         save_run_config(Path(training_args.output_dir), script_args, model_args, training_args, launch_args, template,
                         model_path)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)

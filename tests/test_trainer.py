@@ -335,7 +335,12 @@ def test_peft_captures_the_adapted_policy_not_the_reference(tiny_model_path, tmp
                                                     init_lora_weights=False))
     captured = []
     original = trainer._compute_thr_weights
-    trainer._compute_thr_weights = lambda batch, hidden, *more: captured.append(hidden) or original(batch, hidden, *more)
+
+    def capture(batch, hidden, *more):
+        captured.append(hidden)
+        return original(batch, hidden, *more)
+
+    trainer._compute_thr_weights = capture
     batch = trainer._generate_and_score_completions(list(tiny_dataset())[:2] * 2)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)

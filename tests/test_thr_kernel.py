@@ -1,4 +1,4 @@
-"""`compute_thr` against a slow, obvious float64 double sum over token pairs (THR.md §2-3)."""
+"""`compute_thr` against a slow, obvious float64 double sum over token pairs (docs/theory.md §1-3)."""
 
 import math
 

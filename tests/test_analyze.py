@@ -10,7 +10,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from trl_thr.analysis import (
+from trl_thr.cli.analysis import (
     NEGATIVE_RGB,
     POSITIVE_RGB,
     build_batch,
@@ -19,8 +19,8 @@ from trl_thr.analysis import (
     token_style,
     top_tokens,
 )
-from trl_thr.errors import UsageError
-from trl_thr.scripts import analyze as analyze_script
+from trl_thr.cli.errors import UsageError
+from trl_thr.cli import analyze as analyze_script
 
 
 def hand_batch():
@@ -152,7 +152,7 @@ def test_analyze_end_to_end(tiny_model_path, tmp_path):
     argv = ["--model_name_or_path", tiny_model_path, "--dataset_name", "arithmetic", "--num_samples", "12",
             "--num_prompts", "4", "--num_generations", "4", "--max_new_tokens", "12", "--prompt_template",
             "chat-boxed", "--output_dir", str(tmp_path), "--top_tokens", "5"]
-    with patch("trl_thr.answers.grade", fake_grade):
+    with patch("trl_thr.cli.answers.grade", fake_grade):
         record = analyze_script.main(argv)
     stats = record["statistics"]
     assert stats["groups"] == 4 and stats["active_groups"] >= 1

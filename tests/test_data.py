@@ -6,7 +6,7 @@ import re
 import pytest
 from datasets import Dataset
 
-from trl_thr.data import (
+from trl_thr.cli.data import (
     PRESETS,
     arithmetic_problems,
     champ_problems,
@@ -17,7 +17,7 @@ from trl_thr.data import (
     reasoning_gym_problems,
     with_prompts,
 )
-from trl_thr.templates import TEMPLATES, get_template
+from trl_thr.cli.templates import TEMPLATES, get_template
 
 # One or two rows per preset in the hub dataset's own schema, and the gold answers the loader must produce.
 FIXTURES = {

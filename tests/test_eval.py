@@ -11,9 +11,9 @@ from unittest.mock import patch
 import pytest
 
 from trl_thr import pass_at_k
-from trl_thr.errors import UsageError
-from trl_thr.evaluation import check_ks, score
-from trl_thr.scripts import evaluate as eval_script
+from trl_thr.cli.errors import UsageError
+from trl_thr.cli.evaluation import check_ks, score
+from trl_thr.cli import evaluate as eval_script
 
 
 def brute_force_pass_at_k(n, c, k):

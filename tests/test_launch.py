@@ -8,7 +8,7 @@ import torch
 import yaml
 from accelerate.commands.launch import launch_command_parser
 
-from trl_thr.launch import (
+from trl_thr.cli.launch import (
     ACCELERATE_PRESETS,
     LaunchArguments,
     accelerate_config_file,

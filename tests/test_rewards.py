@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from trl_thr.answers import extract_final_answer, grade, last_boxed_content
-from trl_thr.rewards import (
+from trl_thr.cli.answers import extract_final_answer, grade, last_boxed_content
+from trl_thr.cli.rewards import (
     accuracy,
     accuracy_lenient,
     boxed_format,

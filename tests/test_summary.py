@@ -1,6 +1,6 @@
 import json
 
-from trl_thr.summary import format_summary, metric_series, plot_metrics, summarize
+from trl_thr.cli.summary import format_summary, metric_series, plot_metrics, summarize
 
 HISTORY = [
     {"step": 1, "reward": 0.0, "thr/kept_frac": 0.2, "thr/p": 0.1, "rewards/accuracy/mean": 0.0},

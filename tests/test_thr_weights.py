@@ -23,8 +23,9 @@ MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 
 INACTIVE = MASK[3:].float()
 
 
-def weights(**kwargs):
-    return thr_weights(THR, ADV, MASK, 3, **kwargs)
+def weights(strategy, p=0.1, positive_mask=None, **threshold_kwargs):
+    taus = group_thresholds(THR, ADV, MASK, 3, positive_mask=positive_mask, **threshold_kwargs)
+    return thr_weights(THR, ADV, MASK, 3, strategy=strategy, p=p, taus=taus, positive_mask=positive_mask)
 
 
 def check(got, active_rows):
@@ -41,7 +42,8 @@ def test_anchor_threshold_is_beta_times_smallest_positive_mean():
 
 def test_equal_advantages_mean_an_inactive_group():
     advantages = torch.full((3,), 2.98e-4)  # equal rewards, rounding residue
-    got = thr_weights(torch.ones(3, 3), advantages, torch.ones(3, 3), 3, strategy="positive-amplify")
+    taus = group_thresholds(torch.ones(3, 3), advantages, torch.ones(3, 3), 3)
+    got = thr_weights(torch.ones(3, 3), advantages, torch.ones(3, 3), 3, strategy="positive-amplify", taus=taus)
     torch.testing.assert_close(got, torch.ones(3, 3))
 
 
@@ -88,6 +90,17 @@ def test_quantile_batch_scope_pools_active_groups():
     pooled = group_thresholds(thr, adv, mask, 3, threshold="quantile", quantile=0.5, quantile_scope="batch")
     torch.testing.assert_close(per_group, torch.tensor([0.2, 2.0]))
     torch.testing.assert_close(pooled, torch.tensor([0.5, 0.5]))  # 16 tokens, 8th largest left out is 0.5
+    # Another process's 16 larger values join the pool: they are the kept half, so tau is the largest local value.
+    gathered = group_thresholds(thr, adv, mask, 3, threshold="quantile", quantile=0.5, quantile_scope="batch",
+                                gather_values=lambda local: torch.cat([local, local + 100]))
+    torch.testing.assert_close(gathered, torch.tensor([5.0, 5.0]))
+
+
+def test_weights_need_the_groups_thresholds():
+    with pytest.raises(ValueError, match="needs taus"):
+        thr_weights(THR, ADV, MASK, 3, strategy="positive-amplify")
+    with pytest.raises(ValueError, match="taus must have shape"):
+        thr_weights(THR, ADV, MASK, 3, strategy="positive-amplify", taus=torch.zeros(3))
 
 
 def test_absolute_and_none_thresholds():
@@ -118,8 +131,8 @@ def test_weights_non_negative_and_zero_on_padding(strategy, threshold):
     mask = (torch.rand(12, 9, generator=gen) > 0.3).long()
     thr = thr * mask
     adv = torch.randn(12, generator=gen)
-    got = thr_weights(thr, adv, mask, 4, strategy=strategy, p=0.99 if strategy != "amplify" else -0.99,
-                      threshold=threshold, quantile=0.3, tau=0.5)
+    taus = group_thresholds(thr, adv, mask, 4, threshold=threshold, quantile=0.3, tau=0.5)
+    got = thr_weights(thr, adv, mask, 4, strategy=strategy, p=0.99 if strategy != "amplify" else -0.99, taus=taus)
     assert (got >= 0).all() and (got[mask == 0] == 0).all()
     assert got.dtype == torch.float32 and got.shape == thr.shape
 

@@ -9,7 +9,7 @@ from tiny import binary_reward, length_reward, tiny_dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_thr import THRGRPOConfig, THRGRPOTrainer, compute_thr, thr_weights
+from trl_thr import THRGRPOConfig, THRGRPOTrainer, compute_thr, group_thresholds, thr_weights
 
 CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
 THR_KEYS = ["thr/kept_frac", "thr/pos_frac", "thr/neg_frac", "thr/mean_weight", "thr/tau", "thr/abs_mean",
@@ -104,8 +104,9 @@ def test_no_thr_is_exactly_grpo(loss_type, level, tiny_model_path, tmp_path):
     unit = build(THRGRPOTrainer, THRGRPOConfig, tiny_model_path, tmp_path, thr_strategy="dominant-only",
                  thr_threshold="none", **common)
     # dominant-only with no threshold gives weight exactly 1 on every token: (B, T) advantages equal to (B,) ones.
-    ones = thr_weights(torch.randn(4, 6), inputs["advantages"], inputs["completion_mask"], 4,
-                       strategy="dominant-only", threshold="none")
+    thr = torch.randn(4, 6)
+    taus = group_thresholds(thr, inputs["advantages"], inputs["completion_mask"], 4, threshold="none")
+    ones = thr_weights(thr, inputs["advantages"], inputs["completion_mask"], 4, strategy="dominant-only", taus=taus)
     assert torch.equal(ones, inputs["completion_mask"].float())
     for trainer, extra in ((none, {}), (unit, {"thr_weights": torch.ones(4, 6)})):
         loss, grads = loss_and_grads(trainer, {**inputs, **extra})
@@ -202,8 +203,9 @@ def test_weights_in_loss_match_a_direct_recomputation(tiny_model_path, tmp_path)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -length:]
     thr = compute_thr(hidden, batch["completion_ids"], batch["completion_mask"], model.lm_head.weight,
                       batch["advantages"], 4)
+    taus = group_thresholds(thr, batch["advantages"], batch["completion_mask"], 4, threshold="none")
     expected = thr_weights(thr, batch["advantages"], batch["completion_mask"], 4, strategy="positive-amplify",
-                           p=0.3, threshold="none")
+                           p=0.3, taus=taus)
     torch.testing.assert_close(batch["thr_weights"], expected)
     assert (expected != batch["completion_mask"]).any(), "weights are trivial: the check would not see a mix-up"
 

@@ -1,16 +1,18 @@
 """trl-thr: Token Hidden Reward (arXiv 2510.03669) for TRL's GRPOTrainer.
 
-The math (`compute_thr`, `thr_weights`, ...) needs only torch. The trainer and its config import TRL, which takes a
-few seconds, so they load on first access.
+The package has two layers. The core (this package: the THR math in `thr.py`, `THRGRPOConfig`, `THRGRPOTrainer`,
+GSPO-token and `_trl_compat.py`, the one place that relies on TRL internals) needs torch and TRL only. The
+`trl-thr` command line and its recipes (datasets, templates, rewards, evaluation, reports) live in `trl_thr.cli`
+and need the `cli` extra (math-verify, matplotlib). The math needs only torch; the trainer and its config import
+TRL, which takes a few seconds, so they load on first access.
 """
 
 __version__ = "0.1.0"
 
-from .evaluation import pass_at_k
 from .gspo_token import sequence_token_old_logps
 from .thr import compute_thr, group_thresholds, scheduled_p, thr_weights
 
-_LAZY = {"THRGRPOConfig": ".thr_grpo_config", "THRGRPOTrainer": ".thr_grpo_trainer"}
+_LAZY = {"THRGRPOConfig": ".thr_grpo_config", "THRGRPOTrainer": ".thr_grpo_trainer", "pass_at_k": ".cli.evaluation"}
 
 __all__ = [
     "THRGRPOConfig",

@@ -20,7 +20,7 @@ forming a pairwise (T x T) or a (B x T x V) tensor.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,17 @@ def active_groups(
     grouped = advantages.view(-1, num_generations)
     spread = grouped.amax(dim=1) > grouped.amin(dim=1)
     return positive.any(dim=1) & spread
+
+
+def active_tokens(
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    num_generations: int,
+    positive_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tokens THR applies to, shape `(B, T)` bool: counted tokens of the [`active_groups`]."""
+    active = active_groups(advantages, completion_mask, num_generations, positive_mask)
+    return active.repeat_interleave(num_generations).unsqueeze(1) & completion_mask.bool()
 
 
 def _check_group_layout(name: str, batch_size: int, num_generations: int) -> None:
@@ -341,6 +352,7 @@ def group_thresholds(
     tau: float | torch.Tensor | None = None,
     quantile_scope: str = "group",
     positive_mask: torch.Tensor | None = None,
+    gather_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Dominance threshold `tau` of each group, shape `(B // G,)`; NaN for groups THR does not apply to.
 
@@ -349,7 +361,8 @@ def group_thresholds(
     - `"anchor"`: `beta * min_{i in P} mean_k THR_{i,k}` (the NTHR anchor with THR's normalisation);
     - `"quantile"`: keep the top `quantile` fraction of tokens by `|THR|`, per group or over the whole batch
       (`quantile_scope`); `tau` is the largest `|THR|` left out (`-inf` when every token is kept), so ties at the
-      boundary are dropped together;
+      boundary are dropped together. With `quantile_scope="batch"`, `gather_values` maps this process's pooled
+      `|THR|` values `(n,)` to those of every process (the trainer passes an all-gather), so the batch is global;
     - `"absolute"`: a fixed `tau` (a float, or one value per group);
     - `"none"`: `-inf`, every token is dominant.
     """
@@ -389,7 +402,10 @@ def group_thresholds(
         group_mask = mask.view(num_groups, num_generations, -1)
         if quantile_scope == "batch":
             pooled = magnitudes[active][group_mask[active]]
-            taus[active] = top_fraction_threshold(pooled, quantile)
+            if gather_values is not None:
+                pooled = gather_values(pooled)
+            if pooled.numel() > 0:
+                taus[active] = top_fraction_threshold(pooled, quantile)
         else:
             for group in torch.nonzero(active).flatten().tolist():
                 taus[group] = top_fraction_threshold(magnitudes[group][group_mask[group]], quantile)
@@ -416,16 +432,13 @@ def thr_weights(
     *,
     strategy: str,
     p: float = 0.1,
-    threshold: str = "anchor",
-    beta: float = 1.0,
-    quantile: float | None = None,
-    tau: float | torch.Tensor | None = None,
-    quantile_scope: str = "group",
+    taus: torch.Tensor | None = None,
     positive_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token weights on the advantages, shape `(B, T)` float32: `A'_{j,t} = weight_{j,t} * A_j`.
 
-    With `dominant = |THR| > tau` (see [`group_thresholds`]):
+    `taus` `(B // G,)` are the groups' dominance thresholds from [`group_thresholds`] (needed by every strategy
+    but `"none"`). With `dominant = |THR| > tau`:
 
     - `"positive-amplify"` (exploitation): `dominant * (1 + |p| sign(THR))`;
     - `"negative-amplify"` (exploration): `dominant * (1 - |p| sign(THR))`;
@@ -442,6 +455,7 @@ def thr_weights(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
     if not abs(p) < 1:
         raise ValueError(f"|p| must be < 1 so that weights stay non-negative, got p={p}.")
+    _check_group_layout("thr", thr.size(0), num_generations)
     _check_shape("advantages", advantages, (thr.size(0),))
     _check_shape("completion_mask", completion_mask, tuple(thr.shape))
     if positive_mask is not None:
@@ -449,19 +463,10 @@ def thr_weights(
     ones = completion_mask.float()
     if strategy == "none":
         return ones
+    if taus is None:
+        raise ValueError(f"strategy={strategy!r} needs taus, the groups' thresholds from group_thresholds().")
+    _check_shape("taus", taus, (thr.size(0) // num_generations,))
 
-    taus = group_thresholds(
-        thr,
-        advantages,
-        completion_mask,
-        num_generations,
-        threshold=threshold,
-        beta=beta,
-        quantile=quantile,
-        tau=tau,
-        quantile_scope=quantile_scope,
-        positive_mask=positive_mask,
-    )
     row_tau = taus.repeat_interleave(num_generations).unsqueeze(1)  # (B, 1)
     thr = thr.float()
     sign = thr.sign()
@@ -479,9 +484,7 @@ def thr_weights(
         signed_p = {"positive-amplify": abs(p), "negative-amplify": -abs(p), "amplify": p}[strategy]
         weights = dominant * (1 + signed_p * sign)
 
-    active = active_groups(advantages, completion_mask, num_generations, positive_mask)
-    active_rows = active.repeat_interleave(num_generations).unsqueeze(1)
-    return torch.where(active_rows, weights, ones)
+    return torch.where(active_tokens(advantages, completion_mask, num_generations, positive_mask), weights, ones)
 
 
 def scheduled_p(start: float, end: float | None, schedule: str, progress: float) -> float:

@@ -11,7 +11,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
 from .gspo_token import sequence_token_old_logps
-from .thr import active_groups, compute_thr, group_thresholds, scheduled_p, thr_weights, top_fraction_threshold
+from .thr import active_groups, active_tokens, compute_thr, group_thresholds, scheduled_p, thr_weights
 from .thr_grpo_config import THRGRPOConfig
 
 THR_TITLE = "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning"
@@ -116,6 +116,43 @@ def full_lm_head(head: torch.nn.Module):
         yield weight.full_tensor(), bias.full_tensor() if isinstance(bias, DTensor) else bias
     else:
         yield weight, bias
+
+
+def weights_from_config(
+    args: THRGRPOConfig,
+    thr: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    num_generations: int,
+    *,
+    p: float,
+    positive_mask: torch.Tensor | None = None,
+    gather_values=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(weights (B, T), taus (B // G,))` of a generation batch under the `thr_*` fields of `args`.
+
+    The trainer's own path from THR to advantage weights, usable outside training (e.g. `trl-thr analyze
+    --dynamics`). `p` is the value for this step (see `THRGRPOTrainer.thr_p`); `gather_values` pools the batch
+    quantile over processes (see [`group_thresholds`]).
+    """
+    taus = group_thresholds(
+        thr,
+        advantages,
+        completion_mask,
+        num_generations,
+        threshold=args.thr_threshold,
+        beta=args.thr_beta,
+        quantile=args.thr_quantile,
+        tau=args.thr_tau,
+        quantile_scope=args.thr_quantile_scope,
+        positive_mask=positive_mask,
+        gather_values=gather_values,
+    )
+    weights = thr_weights(
+        thr, advantages, completion_mask, num_generations, strategy=args.thr_strategy, p=p, taus=taus,
+        positive_mask=positive_mask,
+    )
+    return weights, taus
 
 
 class THRGRPOTrainer(GRPOTrainer):
@@ -311,32 +348,11 @@ class THRGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * num_rows
         return (rewards[start : start + num_rows] >= threshold).nan_to_num(0).bool()
 
-    def _group_taus(self, thr, advantages, mask, num_generations, positive) -> torch.Tensor:
-        args = self.args
-        if args.thr_threshold == "quantile" and args.thr_quantile_scope == "batch":
-            # The batch is the global generation batch: pool |THR| of active tokens over processes.
-            active = active_groups(advantages, mask, num_generations, positive)
-            active_tokens = active.repeat_interleave(num_generations).unsqueeze(1) & mask.bool()
-            values = thr.abs().float()[active_tokens]
-            values = self.accelerator.pad_across_processes(values, dim=0, pad_index=math.nan)
-            values = self.accelerator.gather(values)
-            values = values[~torch.isnan(values)]
-            taus = torch.full((thr.size(0) // num_generations,), math.nan, device=thr.device)
-            if values.numel() > 0:
-                taus[active] = top_fraction_threshold(values, args.thr_quantile)
-            return taus
-        return group_thresholds(
-            thr,
-            advantages,
-            mask,
-            num_generations,
-            threshold=args.thr_threshold,
-            beta=args.thr_beta,
-            quantile=args.thr_quantile,
-            tau=args.thr_tau,
-            quantile_scope=args.thr_quantile_scope,
-            positive_mask=positive,
-        )
+    def _gather_across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D `values` of every process, concatenated (lengths may differ by process)."""
+        values = self.accelerator.pad_across_processes(values, dim=0, pad_index=math.nan)
+        values = self.accelerator.gather(values)
+        return values[~torch.isnan(values)]
 
     def _compute_thr_weights(self, batch: dict, hidden_states: torch.Tensor, forward_seconds: float,
                              token_logprobs: torch.Tensor) -> torch.Tensor:
@@ -378,19 +394,9 @@ class THRGRPOTrainer(GRPOTrainer):
                 block_elements=args.thr_block_elements,
                 **logit_transform_from_config(self._unwrapped_causal_lm().config),
             )
-        taus = self._group_taus(thr, advantages, mask, num_generations, positive)
         p = self.thr_p
-        weights = thr_weights(
-            thr,
-            advantages,
-            mask,
-            num_generations,
-            strategy=args.thr_strategy,
-            p=p,
-            threshold="absolute",
-            tau=taus,
-            positive_mask=positive,
-        )
+        weights, taus = weights_from_config(args, thr, advantages, mask, num_generations, p=p,
+                                            positive_mask=positive, gather_values=self._gather_across_processes)
         self._log_thr_metrics(mode, thr, weights, taus, advantages, mask, num_generations, positive, p,
                               self._seconds_since(start), forward_seconds)
         return weights
@@ -399,18 +405,18 @@ class THRGRPOTrainer(GRPOTrainer):
                          forward_seconds):
         mask = mask.bool()
         active = active_groups(advantages, mask, num_generations, positive)
-        active_tokens = active.repeat_interleave(num_generations).unsqueeze(1) & mask
+        counted = active_tokens(advantages, mask, num_generations, positive)
         finite_tau = torch.isfinite(taus) & active
-        dominant = active_tokens & (thr.abs() > taus.repeat_interleave(num_generations).unsqueeze(1))
+        dominant = counted & (thr.abs() > taus.repeat_interleave(num_generations).unsqueeze(1))
         local = torch.tensor(
             [
                 mask.sum(),
-                active_tokens.sum(),
+                counted.sum(),
                 dominant.sum(),
-                (active_tokens & (thr > 0)).sum(),
-                (active_tokens & (thr < 0)).sum(),
+                (counted & (thr > 0)).sum(),
+                (counted & (thr < 0)).sum(),
                 weights[mask].sum(),
-                thr.abs()[active_tokens].sum(),
+                thr.abs()[counted].sum(),
                 taus[finite_tau].sum(),
                 finite_tau.sum(),
                 active.numel(),

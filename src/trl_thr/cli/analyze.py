@@ -14,9 +14,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trl_thr.arguments import ProblemArguments, load_problems
+from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli import parse_arguments, run
-from trl_thr.errors import UsageError
+from trl_thr.cli.errors import UsageError
 
 
 @dataclass
@@ -65,10 +65,10 @@ def parse_args(argv):
 def analyze(args):
     from tqdm.auto import tqdm
 
-    from trl_thr.analysis import build_batch, histogram, html_report, thr_statistics, token_thr_and_entropy, top_tokens
-    from trl_thr.answers import grade
-    from trl_thr.generation import SamplingSettings, TransformersGenerator, load_model_and_tokenizer, render_prompt
-    from trl_thr.models import resolve_model
+    from trl_thr.cli.analysis import build_batch, histogram, html_report, thr_statistics, token_thr_and_entropy, top_tokens
+    from trl_thr.cli.answers import grade
+    from trl_thr.cli.generation import SamplingSettings, TransformersGenerator, load_model_and_tokenizer, render_prompt
+    from trl_thr.cli.models import resolve_model
     from trl_thr.thr_grpo_trainer import logit_transform_from_config
 
     try:

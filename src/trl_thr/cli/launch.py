@@ -1,7 +1,7 @@
 """Multi-process runs through `accelerate launch`, never a launcher of our own.
 
 `trl-thr train --num_processes 8 --accelerate_config zero3 ...` is the same as
-`accelerate launch --config_file <zero3.yaml> --num_processes 8 <trl_thr/scripts/train.py> ...`.
+`accelerate launch --config_file <zero3.yaml> --num_processes 8 <trl_thr/cli/train.py> ...`.
 """
 
 import importlib.resources
@@ -36,7 +36,7 @@ class LaunchArguments:
 def accelerate_config_file(name_or_path: str) -> str:
     """Path of a shipped preset, or of a user's accelerate config file."""
     if name_or_path in ACCELERATE_PRESETS:
-        return str(importlib.resources.files("trl_thr.accelerate_configs").joinpath(f"{name_or_path}.yaml"))
+        return str(importlib.resources.files("trl_thr.cli.accelerate_configs").joinpath(f"{name_or_path}.yaml"))
     if Path(name_or_path).is_file():
         return name_or_path
     raise ValueError(

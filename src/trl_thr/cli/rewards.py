@@ -38,7 +38,7 @@ def completion_text(completion) -> str:
 def accuracy(completions, solution, **kwargs) -> list[float | None]:
     """1.0 if the final answer (tagged or boxed) equals the gold `solution` by `math-verify`, else 0.0.
 
-    `None` for a problem whose gold answer does not parse. The extraction rule is in `trl_thr.answers`.
+    `None` for a problem whose gold answer does not parse. The extraction rule is in `trl_thr.cli.answers`.
     """
     results = [grade(completion_text(c), gold) for c, gold in zip(completions, solution, strict=True)]
     return [None if r is None else float(r) for r in results]

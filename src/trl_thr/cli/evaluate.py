@@ -14,9 +14,9 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trl_thr.arguments import ProblemArguments, load_problems
+from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli import parse_arguments, run
-from trl_thr.errors import UsageError
+from trl_thr.cli.errors import UsageError
 
 
 @dataclass
@@ -70,7 +70,7 @@ def parse_args(argv):
 
 def make_generate(args, backend, model_path):
     """`generate(prompt, num_samples, temperature, seed) -> texts` for the chosen backend, and the tokenizer."""
-    from trl_thr.generation import SamplingSettings, TransformersGenerator, VLLMGenerator, load_model_and_tokenizer
+    from trl_thr.cli.generation import SamplingSettings, TransformersGenerator, VLLMGenerator, load_model_and_tokenizer
 
     settings = SamplingSettings(args.temperature, args.top_p, args.max_new_tokens)
     if backend == "vllm":
@@ -95,9 +95,9 @@ def make_generate(args, backend, model_path):
 
 def evaluate(args) -> dict:
     """Generate (resuming from the cache), grade and score; returns the result dict."""
-    from trl_thr.evaluation import EvalSettings, GenerationCache, check_ks, problems_digest, run_generation, score
-    from trl_thr.generation import choose_backend, render_prompt
-    from trl_thr.models import resolve_model
+    from trl_thr.cli.evaluation import EvalSettings, GenerationCache, check_ks, problems_digest, run_generation, score
+    from trl_thr.cli.generation import choose_backend, render_prompt
+    from trl_thr.cli.models import resolve_model
 
     try:
         ks = check_ks(args.k_values, args.n_samples)
@@ -119,7 +119,7 @@ def evaluate(args) -> dict:
     records = run_generation(questions, prompts, generate, settings, cache, greedy=args.greedy)
     result = score(questions, golds, records, ks, args.lenient)
     result["config"] = {**asdict(settings), "run_name": run_name(args), "k_values": ks, "lenient": args.lenient,
-                        "grading": "trl_thr.answers: <answer> tag, else last \\boxed{}, "
+                        "grading": "trl_thr.cli.answers: <answer> tag, else last \\boxed{}, "
                                    + ("else last number; " if args.lenient else "")
                                    + "math-verify equivalence"}
     return result
@@ -133,7 +133,7 @@ def run_name(args) -> str:
 
 
 def write_outputs(results: list[dict], output_dir: Path, name: str) -> dict[str, Path]:
-    from trl_thr.evaluation import markdown_table, plot_pass_at_k
+    from trl_thr.cli.evaluation import markdown_table, plot_pass_at_k
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"table": output_dir / f"{name}.md", "plot": output_dir / f"{name}.png"}
@@ -143,7 +143,7 @@ def write_outputs(results: list[dict], output_dir: Path, name: str) -> dict[str,
 
 
 def main(argv=None):
-    from trl_thr.evaluation import load_results, markdown_table
+    from trl_thr.cli.evaluation import load_results, markdown_table
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

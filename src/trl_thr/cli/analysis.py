@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .thr import active_groups, compute_thr, group_thresholds, top_fraction_threshold
+from ..thr import active_groups, compute_thr, group_thresholds, top_fraction_threshold
 
 
 @dataclass
@@ -60,7 +60,7 @@ def token_thr_and_entropy(model, batch: GroupBatch, *, temperature=1.0, vocab="s
                           logit_scale=1.0, logit_softcap=None, rows_per_forward=8):
     """`(thr, entropy, logps)`, each `(B, T)`: THR per token (positive set = correct completions), and the entropy
     and log-prob of each token under the model (same logit transform as the trainer)."""
-    from .thr import transform_logits
+    from ..thr import transform_logits
 
     device = next(model.parameters()).device
     length = batch.completion_ids.size(1)

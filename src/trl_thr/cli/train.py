@@ -43,8 +43,9 @@ class THRScriptArguments(ScriptArguments, ProblemArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={
-            "help": "Rewards: accuracy, accuracy_lenient, boxed_format, think_answer_format, or module:function. "
-            "Weights: reward_weights."
+            "help": "Rewards, as in `trl grpo`: accuracy_reward, reasoning_accuracy_reward, think_format_reward, "
+            "get_soft_overlong_punishment, or a dotted import path (my_pkg.rewards.fn); also trl-thr's accuracy, "
+            "accuracy_lenient, boxed_format, think_answer_format, or module:function. Weights: reward_weights."
         },
     )
     reward_on_error: str = field(

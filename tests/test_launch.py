@@ -1,6 +1,7 @@
 """Launch logic (accelerate presets, arguments) and LM-head gathering under sharding, decided on CPU."""
 
 import contextlib
+import importlib.resources
 from unittest.mock import patch
 
 import pytest
@@ -9,25 +10,80 @@ import yaml
 from accelerate.commands.launch import launch_command_parser
 
 from trl_thr.cli.launch import (
-    ACCELERATE_PRESETS,
+    ACCELERATE_PRESET_ALIASES,
+    TRL_ACCELERATE_PRESETS,
     LaunchArguments,
     accelerate_config_file,
     accelerate_launch_args,
     inside_launched_process,
     wants_launch,
 )
-from trl_thr.thr_grpo_trainer import full_lm_head, lm_head_sharding
+from trl_thr._trl_compat import full_lm_head, lm_head_sharding
+
+TRL_PRESET_DIR = importlib.resources.files("trl.accelerate_configs")
 
 
-@pytest.mark.parametrize("preset", ACCELERATE_PRESETS)
-def test_presets_are_shipped_and_valid(preset):
-    path = accelerate_config_file(preset)
-    config = yaml.safe_load(open(path))
-    assert config["distributed_type"] in ("MULTI_GPU", "DEEPSPEED", "FSDP")
-    assert config["mixed_precision"] == "no"  # the training config's bf16/fp16 decides
-    args = launch_command_parser().parse_args(accelerate_launch_args(
-        LaunchArguments(num_processes=4, accelerate_config=preset), gpu_count=0) + ["train.py"])
-    assert args.config_file == path and args.num_processes == 4
+def accelerate_view(launch: LaunchArguments, gpu_count: int = 0):
+    """What `accelerate launch` makes of our arguments, through accelerate's own validation of them."""
+    from accelerate.commands.launch import _validate_launch_command
+
+    args = launch_command_parser().parse_args(accelerate_launch_args(launch, gpu_count) + ["train.py"])
+    return _validate_launch_command(args)[0]
+
+
+def test_trl_presets_are_the_ones_trl_ships():
+    shipped = {p.name.removesuffix(".yaml") for p in TRL_PRESET_DIR.iterdir() if p.name.endswith(".yaml")}
+    assert set(TRL_ACCELERATE_PRESETS) == shipped
+
+
+@pytest.mark.parametrize("name", TRL_ACCELERATE_PRESETS + tuple(ACCELERATE_PRESET_ALIASES))
+def test_presets_are_trls_own_files(name):
+    expected = ACCELERATE_PRESET_ALIASES.get(name, name)
+    assert accelerate_config_file(name) == str(TRL_PRESET_DIR.joinpath(f"{expected}.yaml"))
+
+
+@pytest.mark.parametrize(
+    "alias,expected",
+    [
+        ("ddp", {"distributed_type": "MULTI_GPU"}),
+        ("fsdp", {"distributed_type": "FSDP", "fsdp_config.fsdp_version": 2,
+                  "fsdp_config.fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}),
+        ("zero2", {"distributed_type": "DEEPSPEED", "deepspeed_config.zero_stage": 2,
+                   "deepspeed_config.zero3_init_flag": False}),
+        ("zero3", {"distributed_type": "DEEPSPEED", "deepspeed_config.zero_stage": 3,
+                   "deepspeed_config.zero3_init_flag": True, "deepspeed_config.zero3_save_16bit_model": True}),
+    ],
+)
+def test_our_old_preset_names_keep_their_meaning(alias, expected):
+    config = yaml.safe_load(open(accelerate_config_file(alias)))
+    for key, value in expected.items():
+        section, _, name = key.rpartition(".")
+        assert (config[section] if section else config)[name] == value, key
+
+
+@pytest.mark.parametrize("preset", ["multi_gpu", "ddp", "zero2", "zero3", "fsdp1", "fsdp2"])
+def test_presets_leave_process_count_and_precision_to_us(preset):
+    """TRL's files say 8 processes in bf16; the given count and the training config's precision win."""
+    config = yaml.safe_load(open(accelerate_config_file(preset)))
+    assert config["num_processes"] == 8 and config["mixed_precision"] == "bf16"
+    args = accelerate_view(LaunchArguments(num_processes=4, accelerate_config=preset))
+    assert args.config_file == accelerate_config_file(preset)
+    assert args.num_processes == 4 and args.mixed_precision == "no"
+
+
+def test_multi_gpu_without_gpus_is_two_torchrun_workers():
+    """On a CPU machine `multi_gpu` (like `ddp`) goes to accelerate's multi-GPU launcher: torchrun, gloo."""
+    for name in ("multi_gpu", "ddp"):
+        args = accelerate_view(LaunchArguments(num_processes=2, accelerate_config=name), gpu_count=0)
+        assert args.multi_gpu and not (args.use_deepspeed or args.use_fsdp or args.cpu)
+        assert args.num_processes == 2 and args.mixed_precision == "no"
+
+
+def test_single_gpu_is_one_process():
+    args = accelerate_view(LaunchArguments(accelerate_config="single_gpu"), gpu_count=8)
+    assert args.num_processes == 1 and not args.multi_gpu
+    with pytest.raises(ValueError, match="single_gpu runs one process"):
+        accelerate_launch_args(LaunchArguments(accelerate_config="single_gpu", num_processes=2), gpu_count=2)
 
 
 def test_launch_args_without_config_are_data_parallel():
@@ -42,16 +98,21 @@ def test_preset_defaults_to_all_gpus_of_all_machines():
     assert args[args.index("--main_process_ip") + 1] == "10.0.0.1" and "--machine_rank" in args
 
 
-def test_user_config_file(tmp_path):
+def test_user_config_file_is_used_as_written(tmp_path, monkeypatch):
     path = tmp_path / "my_accelerate.yaml"
-    path.write_text("distributed_type: MULTI_GPU\n")
+    path.write_text("distributed_type: MULTI_GPU\nmixed_precision: fp16\n")
     assert accelerate_config_file(str(path)) == str(path)
+    args = accelerate_launch_args(LaunchArguments(num_processes=2, accelerate_config=str(path)), gpu_count=2)
+    assert "--mixed_precision" not in args
+    (tmp_path / "ddp").write_text("distributed_type: MULTI_GPU\n")  # a file wins over a preset, as in TRL
+    monkeypatch.chdir(tmp_path)
+    assert accelerate_config_file("ddp") == "ddp"
 
 
 @pytest.mark.parametrize(
     "launch,message",
     [
-        (LaunchArguments(accelerate_config="zero4"), "neither a preset"),
+        (LaunchArguments(accelerate_config="zero4"), r"neither a TRL preset \(single_gpu, multi_gpu.*ddp=multi_gpu"),
         (LaunchArguments(num_processes=0), "num_processes must be >= 1"),
         (LaunchArguments(num_machines=2), "needs main_process_ip"),
         (LaunchArguments(num_machines=2, machine_rank=2, main_process_ip="h"), r"machine_rank=2 must be in \[0, "),
@@ -92,7 +153,7 @@ def test_zero3_lm_head_is_gathered_through_trl():
         entered.append(params)
         yield
 
-    with patch("trl_thr.thr_grpo_trainer.maybe_gather_lm_head_ctx", fake_gather):
+    with patch("trl_thr._trl_compat.maybe_gather_lm_head_ctx", fake_gather):
         with full_lm_head(head) as (weight, bias):
             assert entered == [(head.weight, None)] and weight is head.weight
 

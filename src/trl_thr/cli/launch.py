@@ -1,15 +1,37 @@
 """Multi-process runs through `accelerate launch`, never a launcher of our own.
 
-`trl-thr train --num_processes 8 --accelerate_config zero3 ...` is the same as
-`accelerate launch --config_file <zero3.yaml> --num_processes 8 <trl_thr/cli/train.py> ...`.
+`--accelerate_config` takes what `trl grpo --accelerate_config` takes, resolved by TRL's own
+`trl.cli.accelerate_config.resolve_accelerate_config_argument`: an accelerate config file, or the name of a preset
+that TRL ships in `trl/accelerate_configs/` (`single_gpu`, `multi_gpu`, `zero1`, `zero2`, `zero3`, `fsdp1`,
+`fsdp2`). trl-thr's earlier names stay as aliases: `ddp` is `multi_gpu`, `fsdp` is `fsdp2` (`zero2` and `zero3`
+are TRL's names too).
+
+TRL's presets are written for one 8-GPU machine in bf16 (`num_processes: 8`, `mixed_precision: bf16`). For a preset,
+trl-thr passes instead `--num_processes` (given, else the GPUs of this machine times `num_machines`, at least 1)
+and `--mixed_precision no`, so that the training config decides the precision: `GRPOConfig`'s `bf16` (on by
+default), or float32 with `use_cpu: true, bf16: false`, where a bf16 preset would otherwise autocast the CPU workers
+to bf16. On a machine without GPUs, `multi_gpu` starts torchrun workers that train on the CPU with gloo. A config
+file of your own is used as written, apart from the launch fields given to `trl-thr train`.
+
+`trl-thr train --num_processes 8 --accelerate_config zero3 ...` is
+`accelerate launch --config_file <trl/accelerate_configs/zero3.yaml> --mixed_precision no --num_processes 8
+<trl_thr/cli/train.py> ...`.
 """
 
-import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ACCELERATE_PRESETS = ("ddp", "zero2", "zero3", "fsdp")
+# TRL 1.16's preset files (`tests/test_launch.py` checks this against the installed TRL; any file TRL adds is
+# accepted anyway, since TRL's resolver finds it).
+TRL_ACCELERATE_PRESETS = ("single_gpu", "multi_gpu", "zero1", "zero2", "zero3", "fsdp1", "fsdp2")
+# trl-thr's earlier preset names: each had the same settings as its TRL preset, with mixed precision left to the
+# training config (which `--mixed_precision no` keeps).
+ACCELERATE_PRESET_ALIASES = {"ddp": "multi_gpu", "fsdp": "fsdp2"}
+
+_PRESETS = f"TRL preset ({', '.join(TRL_ACCELERATE_PRESETS)}; aliases " + (
+    f"{', '.join(f'{alias}={preset}' for alias, preset in ACCELERATE_PRESET_ALIASES.items())})"
+)
 
 
 @dataclass
@@ -25,7 +47,8 @@ class LaunchArguments:
     )
     accelerate_config: str | None = field(
         default=None,
-        metadata={"help": f"Accelerate preset ({', '.join(ACCELERATE_PRESETS)}) or an accelerate config file."},
+        metadata={"help": f"As in `trl grpo`: a {_PRESETS} or an accelerate config file. Presets leave mixed "
+                  "precision to bf16/fp16."},
     )
     num_machines: int = field(default=1, metadata={"help": "Machines taking part (multi-node)."})
     machine_rank: int = field(default=0, metadata={"help": "Rank of this machine (multi-node)."})
@@ -33,16 +56,25 @@ class LaunchArguments:
     main_process_port: int | None = field(default=None, metadata={"help": "Port on machine 0 (multi-node)."})
 
 
+def preset_name(name_or_path: str) -> str | None:
+    """The TRL preset that `accelerate_config` names (after aliases), or `None` for a config file."""
+    if Path(name_or_path).is_file():  # a file wins over a preset of the same name, as in TRL's resolver
+        return None
+    return ACCELERATE_PRESET_ALIASES.get(name_or_path, name_or_path)
+
+
 def accelerate_config_file(name_or_path: str) -> str:
-    """Path of a shipped preset, or of a user's accelerate config file."""
-    if name_or_path in ACCELERATE_PRESETS:
-        return str(importlib.resources.files("trl_thr.cli.accelerate_configs").joinpath(f"{name_or_path}.yaml"))
-    if Path(name_or_path).is_file():
-        return name_or_path
-    raise ValueError(
-        f"accelerate_config={name_or_path!r} is neither a preset ({', '.join(ACCELERATE_PRESETS)}) nor an existing "
-        "accelerate config file."
-    )
+    """Path of TRL's preset file for a preset name or alias, or of a user's accelerate config file."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    name = preset_name(name_or_path) or name_or_path
+    try:
+        _, path = resolve_accelerate_config_argument(["--accelerate_config", name])
+    except ValueError:
+        raise ValueError(
+            f"accelerate_config={name_or_path!r} is neither a {_PRESETS} nor an existing accelerate config file."
+        ) from None
+    return str(path)
 
 
 def inside_launched_process() -> bool:
@@ -67,10 +99,20 @@ def accelerate_launch_args(launch: LaunchArguments, gpu_count: int) -> list[str]
         )
     if launch.num_machines > 1 and launch.main_process_ip is None:
         raise ValueError("num_machines > 1 needs main_process_ip (the address of machine 0).")
-    num_processes = launch.num_processes or max(gpu_count, 1) * launch.num_machines
+    preset = None if launch.accelerate_config is None else preset_name(launch.accelerate_config)
+    if preset == "single_gpu":
+        if (launch.num_processes or 1) > 1 or launch.num_machines > 1:
+            raise ValueError(
+                "accelerate_config=single_gpu runs one process: drop num_processes/num_machines, or use multi_gpu."
+            )
+        num_processes = 1
+    else:
+        num_processes = launch.num_processes or max(gpu_count, 1) * launch.num_machines
     args = []
     if launch.accelerate_config is not None:
         args += ["--config_file", accelerate_config_file(launch.accelerate_config)]
+        if preset is not None:
+            args += ["--mixed_precision", "no"]  # the training config's bf16/fp16 decides, not the preset's bf16
     else:
         # Without a config file accelerate starts one process unless told it is data parallel. --multi_gpu also
         # works without GPUs: the workers then train on the CPU with the gloo backend.

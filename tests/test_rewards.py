@@ -1,6 +1,10 @@
 """Answer extraction, grading and reward functions (correct, wrong, unparseable, None, raising)."""
 
+import ast
+import asyncio
+import importlib.util
 import math
+import pickle
 import sys
 import textwrap
 
@@ -8,6 +12,8 @@ import pytest
 
 from trl_thr.cli.answers import extract_final_answer, grade, last_boxed_content
 from trl_thr.cli.rewards import (
+    TRL_REWARDS,
+    TRL_SOFT_OVERLONG_ARGS,
     accuracy,
     accuracy_lenient,
     boxed_format,
@@ -88,6 +94,9 @@ def reward_module(tmp_path, monkeypatch):
         def broken(completions, **kwargs):
             raise RuntimeError("grader crashed")
 
+        async def remote(completions, **kwargs):
+            return [math.nan if c == "?" else 1.0 for c in completions]
+
         class Scorer:
             def length(self, completions, **kwargs):
                 return [float(len(c)) for c in completions]
@@ -122,12 +131,96 @@ def test_raising_reward_follows_on_error(reward_module, caplog):
     assert "reward 'broken' raised" in caplog.text
 
 
+def test_dotted_import_path_as_in_trl_grpo(reward_module):
+    half, digits, trl_format = load_reward_funcs(["my_rewards.half", "trl_thr.tiny.digit_reward",
+                                                  "trl.rewards.think_format_reward"])
+    assert [f.__name__ for f in (half, digits, trl_format)] == ["half", "digit_reward", "think_format_reward"]
+    assert half(completions=["a"]) == [0.5] and digits(completions=["a1"]) == [0.5]
+    # By path, TRL's function gets the completions unchanged, as under `trl grpo`: conversational ones here.
+    assert trl_format(completions=[[{"content": "<think>a</think>b"}]]) == [1.0]
+
+
+def trl_grpo_registry() -> dict[str, ast.Call | ast.Name]:
+    """`reward_funcs_registry` as written in the installed TRL's `trl/scripts/grpo.py`."""
+    source = open(importlib.util.find_spec("trl.scripts.grpo").origin).read()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "reward_funcs_registry":
+            return {key.value: value for key, value in zip(node.value.keys, node.value.values, strict=True)}
+    raise AssertionError("trl/scripts/grpo.py no longer builds reward_funcs_registry: re-check TRL_REWARDS")
+
+
+def test_trl_registry_names_match_trl_grpo():
+    registry = trl_grpo_registry()
+    assert tuple(registry) == TRL_REWARDS
+    overlong = registry["get_soft_overlong_punishment"]
+    assert {k.arg: k.value.value for k in overlong.keywords} == TRL_SOFT_OVERLONG_ARGS
+    assert all(isinstance(v, ast.Name) and v.id == k for k, v in registry.items() if k != "get_soft_overlong_punishment")
+
+
+def test_trl_rewards_by_name_are_trls_own():
+    from trl import rewards
+
+    funcs = load_reward_funcs(list(TRL_REWARDS))
+    assert [f.__name__ for f in funcs] == ["accuracy_reward", "reasoning_accuracy_reward", "think_format_reward",
+                                           "soft_overlong_punishment_reward"]  # the names TRL logs them under
+    assert funcs[0].func.func is rewards.accuracy_reward
+    (overlong,) = load_reward_funcs(["get_soft_overlong_punishment"])
+    assert overlong(completions=["a", "b"], completion_ids=[[1] * 1024, [1] * 1281]) == [0.0, -1.0]
+
+
+GOLDS = ["42", "\\frac{1}{2}", "2\\sqrt{2}", "x^2+1", "\\dfrac{3}{4}", "(1,2)", "A", "\\boxed{7}", "$5$"]
+
+
+def test_trl_accuracy_reads_our_columns_like_our_accuracy():
+    """Our loaders keep only the final answer in `solution`, and raw-text templates give string completions."""
+    from trl.rewards import accuracy_reward
+
+    answers = [g.replace("\\boxed{7}", "7").strip("$") for g in GOLDS]
+    right = [f"so \\boxed{{{a}}}" for a in answers]
+    wrong = ["so \\boxed{13}"] * len(GOLDS)
+    (trl_accuracy,) = load_reward_funcs(["accuracy_reward"])
+    as_text = trl_accuracy(completions=right + wrong, solution=GOLDS * 2)
+    as_messages = trl_accuracy(completions=[[{"role": "assistant", "content": c}] for c in right + wrong],
+                               solution=GOLDS * 2)
+    assert as_text == as_messages == accuracy(right + wrong, solution=GOLDS * 2) == [1.0] * 9 + [0.0] * 9
+    # TRL's function on the same columns as they are: LaTeX gold answers without $ or \boxed are skipped or wrong.
+    raw = accuracy_reward([[{"content": c}] for c in right], solution=GOLDS)
+    assert raw[GOLDS.index("x^2+1")] is None and raw[GOLDS.index("2\\sqrt{2}")] == 0.0
+
+
+def test_trl_format_and_reasoning_rewards_take_text_completions():
+    think, reasoning = load_reward_funcs(["think_format_reward", "reasoning_accuracy_reward"])
+    completions = ["<think>a</think> \\boxed{3}", "\\boxed{3}"]
+    assert think(completions=completions) == [1.0, 0.0]
+    assert reasoning(completions=completions, solution=["3", "3"]) == [1.0, 0.0]
+
+
+def test_async_reward_stays_async(reward_module):
+    from trl.trainer.utils import is_async_callable
+
+    (func,) = load_reward_funcs(["my_rewards:remote"])
+    assert is_async_callable(func) and func.__name__ == "remote"
+    assert asyncio.run(func(completions=["a", "?"])) == [1.0, None]
+
+
+def test_loaded_rewards_pickle(reward_module):
+    """TRL's async rollout worker sends reward functions to a child process."""
+    funcs = load_reward_funcs(["accuracy", "accuracy_reward", "get_soft_overlong_punishment", "my_rewards.half"])
+    restored = pickle.loads(pickle.dumps(funcs))
+    assert [f.__name__ for f in restored] == [f.__name__ for f in funcs]
+    assert restored[3](completions=["a"]) == [0.5]
+
+
 @pytest.mark.parametrize(
     "specs,message",
     [
-        (["acuracy"], "must be a name .* or 'module:function'"),
+        (["acuracy"], r"^reward 'acuracy' is unknown: use a TRL reward \(accuracy_reward, .*\), a trl-thr reward "
+                      r"\(accuracy, .*\), a dotted import path \(my_pkg.rewards.fn\) or module:function\.$"),
+        (["my_rewards."], "is malformed: use a TRL reward"),
         (["no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
+        (["no_such_module_xyz.f"], "cannot import module 'no_such_module_xyz'"),
         (["my_rewards:missing"], "has no attribute 'missing'"),
+        (["my_rewards.missing"], "has no attribute 'missing'"),
         (["my_rewards:not_callable"], "is not callable"),
         ([], "reward_funcs is empty"),
     ],

@@ -9,6 +9,7 @@ from tiny import binary_reward, length_reward, tiny_dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from trl_thr._trl_compat import trl_computes_old_logps
 from trl_thr import THRGRPOConfig, THRGRPOTrainer, compute_thr, group_thresholds, thr_weights
 
 CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
@@ -45,8 +46,9 @@ def test_each_strategy_trains(strategy, tiny_model_path, tmp_path):
     if strategy == "none":
         assert not any(key.startswith("thr/") for entry in logs for key in entry)
     else:
+        uses_p = strategy in ("positive-amplify", "negative-amplify")
         for key in THR_KEYS:
-            assert key in logs[-1], key
+            assert (key in logs[-1]) == (uses_p or key != "thr/p"), key
         assert 0 <= logs[-1]["thr/kept_frac"] <= 1
 
 
@@ -237,10 +239,11 @@ def test_one_old_policy_forward_when_trl_runs_none(tiny_model_path, tmp_path):
     args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2)
     trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
                              train_dataset=tiny_dataset())
-    assert not trainer._trl_computes_old_logps()
+    assert not trl_computes_old_logps(trainer)
     calls, batch = count_generation_forwards(trainer)
     assert calls == 1
-    assert {"old_per_token_logps", "thr_weights"} <= batch.keys()
+    # THR's forward feeds THR only: TRL's ratio stays its on-policy ratio of exactly 1.
+    assert "thr_weights" in batch and "old_per_token_logps" not in batch
 
 
 def test_dropout_keeps_trls_on_policy_ratio(tiny_model_path, tmp_path):
@@ -261,7 +264,7 @@ def test_reuses_trls_forward_when_it_runs_one(tiny_model_path, tmp_path):
     args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, num_iterations=2)
     trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
                              train_dataset=tiny_dataset())
-    assert trainer._trl_computes_old_logps()
+    assert trl_computes_old_logps(trainer)
     calls, batch = count_generation_forwards(trainer)
     assert calls == 1
     assert batch["thr_weights"].shape == batch["completion_ids"].shape
@@ -416,7 +419,8 @@ def test_schedule_resumes_where_it_stopped(tiny_model_path, tmp_path):
                              args=make_config(tmp_path / "cut", **common), train_dataset=tiny_dataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
     expected = p_by_step(full)
-    assert expected == pytest.approx({1: -0.3, 2: -0.15, 3: 0.0, 4: 0.15})
+    # Progress global_step / (max_steps - 1): the first optimizer step uses thr_p and the last one thr_p_end.
+    assert expected == pytest.approx({1: -0.3, 2: -0.1, 3: 0.1, 4: 0.3})
     assert sorted(p_by_step(first)) == [1, 2]
     assert p_by_step(resumed) == pytest.approx(expected)  # the restored history holds steps 1-2, the resume 3-4
 

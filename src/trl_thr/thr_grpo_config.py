@@ -6,6 +6,7 @@ from trl import GRPOConfig
 from .thr import DEFAULT_BLOCK_ELEMENTS, P_SCHEDULES, QUANTILE_SCOPES, STRATEGIES, THRESHOLD_MODES, VOCAB_MODES
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+LOG_NORMALISERS = ("trainer", "exact")
 
 
 @dataclass
@@ -34,13 +35,14 @@ class THRGRPOConfig(GRPOConfig):
             names adaptive p as future work).
         thr_p_schedule (`str`, *optional*, defaults to `"constant"`):
             How `p` moves from `thr_p` to `thr_p_end` over training: `"constant"`, `"linear"` or `"cosine"`.
-            Follows the optimizer step, so a resumed run continues where it stopped.
+            Follows the optimizer step (progress `global_step / (max_steps - 1)`: the first step uses `thr_p`, the
+            last one `thr_p_end`), so a resumed run continues where it stopped.
         thr_threshold (`str`, *optional*, defaults to `"anchor"`):
             Which tokens are dominant (`|THR| > tau`): `"anchor"` (`tau = thr_beta * min over positive completions
             of their mean THR`, the NTHR anchor), `"quantile"` (top `thr_quantile` fraction by `|THR|`),
             `"absolute"` (`tau = thr_tau`) or `"none"` (every token).
         thr_beta (`float`, *optional*, defaults to `1.0`):
-            Multiplier of the anchor threshold.
+            Multiplier of the anchor threshold, `>= 0` (the NTHR anchor uses 1).
         thr_quantile (`float`, *optional*):
             Fraction of tokens kept by `thr_threshold="quantile"`, in `(0, 1]`.
         thr_quantile_scope (`str`, *optional*, defaults to `"group"`):
@@ -62,6 +64,12 @@ class THRGRPOConfig(GRPOConfig):
             `thr_positive_reward_threshold`. If `None`, the weighted sum of all rewards.
         thr_block_elements (`int`, *optional*, defaults to `16777216`):
             Largest (tokens x vocabulary) block the THR kernel holds in memory at once (float32 values).
+        thr_log_normaliser (`str`, *optional*, defaults to `"trainer"`):
+            Where THR's full-vocabulary log-normaliser comes from: `"trainer"` recovers it from the trainer's own
+            log-prob of each sampled token (`LSE = z_y - log pi(y)`, one dot product per token; exact in float32, off
+            by the rounding of the trainer's bf16/fp16 logits under mixed precision, see `docs/theory.md`) or
+            `"exact"` streams the whole vocabulary in float32 (about one extra LM-head pass, no rounding). Our
+            addition; the paper does not say.
 
     `importance_sampling_level` also accepts `"sequence_token"` (GSPO-token): the sequence-level ratio's value
     with a per-token gradient, which is how THR combines with GSPO. Plain `"sequence"` only sees each completion's
@@ -134,6 +142,15 @@ class THRGRPOConfig(GRPOConfig):
         metadata={"help": "Largest (tokens x vocabulary) block the THR kernel holds in memory at once."},
     )
 
+    thr_log_normaliser: str = field(
+        default="trainer",
+        metadata={
+            "help": "THR's log-normaliser: 'trainer' (recovered from the trainer's log-probs, free) or 'exact' "
+            "(streamed over the vocabulary in float32, about one LM-head pass).",
+            "choices": list(LOG_NORMALISERS),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._check_choice("thr_strategy", STRATEGIES)
@@ -142,6 +159,12 @@ class THRGRPOConfig(GRPOConfig):
         self._check_choice("thr_quantile_scope", QUANTILE_SCOPES)
         self._check_choice("thr_vocab", VOCAB_MODES)
         self._check_choice("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        self._check_choice("thr_log_normaliser", LOG_NORMALISERS)
+        if self.thr_beta < 0:
+            raise ValueError(
+                f"thr_beta={self.thr_beta}: the anchor threshold's multiplier must be >= 0 (a negative tau would make "
+                "every token dominant; use thr_threshold='none' for that)."
+            )
 
         for name in ("thr_p", "thr_p_end"):
             value = getattr(self, name)

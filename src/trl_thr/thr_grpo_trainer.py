@@ -1,121 +1,24 @@
 import math
 import textwrap
 import time
-from contextlib import contextmanager
 
 import torch
-from accelerate.utils import is_peft_model
-from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
+from trl.trainer.utils import get_config_model_id
 
+from . import _trl_compat as compat
 from .gspo_token import sequence_token_old_logps
 from .thr import active_groups, active_tokens, compute_thr, group_thresholds, scheduled_p, thr_weights
 from .thr_grpo_config import THRGRPOConfig
 
 THR_TITLE = "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning"
 
-# Keys of the generation batch that `_get_per_token_logps_and_entropies` takes as keyword arguments (multimodal).
-_FORWARD_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
+# Strategies whose weights depend on p (the others log no `thr/p`).
+_USES_P = ("positive-amplify", "negative-amplify", "amplify")
 
 
-class _HiddenStateCapture:
-    """Collects the backbone's final hidden states at completion positions during one log-prob forward."""
-
-    def __init__(self):
-        self.chunks: list[torch.Tensor] = []
-
-    @contextmanager
-    def attach(self, backbone: torch.nn.Module, logits_to_keep: int):
-        def hook(module, args, output):
-            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-            # Same alignment as TRL's fused head: the state at position t predicts token t + 1. A copy, so the
-            # prompt positions' storage is freed with the forward.
-            self.chunks.append(hidden[:, :-1][:, -logits_to_keep:].detach().clone())
-
-        handle = backbone.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    @property
-    def hidden_states(self) -> torch.Tensor | None:
-        """`(B, T, d)`, or `None` if the forward never reached the backbone."""
-        return torch.cat(self.chunks) if self.chunks else None
-
-
-def _has_active_dropout(model: torch.nn.Module) -> bool:
-    """Whether a forward of `model` in its current mode is random: dropout modules (LoRA's too) with p > 0, or a
-    functional dropout rate in the config (e.g. `attention_dropout`)."""
-    if not model.training:
-        return False
-    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()):
-        return True
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if config is not None else None
-    rates = [value for name, value in vars(config or object()).items()
-             if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float)]
-    return any(rate > 0 for rate in rates)
-
-
-def logit_transform_from_config(config) -> dict:
-    """Logit scale and soft-capping of a model, read the way TRL's fused LM head reads them.
-
-    Mirrors `trl.trainer.utils.add_fused_lm_head` (trl 1.16), so that THR's probabilities are the trainer's.
-    """
-    text_config = config.get_text_config()
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        scaling = text_config.logits_scaling
-        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
-    return {
-        "logit_scale": 1.0 if scale is None else scale,
-        "logit_softcap": getattr(text_config, "final_logit_softcapping", None),
-    }
-
-
-def lm_head_sharding(weight: torch.Tensor) -> str | None:
-    """How the LM-head weight is sharded: `"deepspeed-zero3"`, `"dtensor"` (FSDP2) or `None` (whole)."""
-    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 replaces parameters by partitioned ones carrying ds_* fields
-        return "deepspeed-zero3"
-    if isinstance(weight, DTensor):
-        return "dtensor"
-    return None
-
-
-@contextmanager
-def full_lm_head(head: torch.nn.Module):
-    """The whole `(weight (V, d), bias (V,) | None)` of an LM head for the duration of the block.
-
-    The kernel reads the weight directly, outside the head's forward, so sharded weights must be gathered: ZeRO-3
-    through TRL's `maybe_gather_lm_head_ctx` (the same gather TRL's fused head uses), FSDP2 with `full_tensor()`.
-    """
-    weight, bias = head.weight, head.bias
-    sharding = lm_head_sharding(weight)
-    if sharding == "deepspeed-zero3":
-        with maybe_gather_lm_head_ctx(weight, bias):
-            yield weight, bias
-    elif sharding == "dtensor":
-        yield weight.full_tensor(), bias.full_tensor() if isinstance(bias, DTensor) else bias
-    else:
-        yield weight, bias
+class THRComputationError(RuntimeError):
+    """THR failed on at least one process; raised on every process so that none waits in a collective."""
 
 
 def weights_from_config(
@@ -185,6 +88,7 @@ class THRGRPOTrainer(GRPOTrainer):
     }
 
     def __init__(self, model, reward_funcs=None, args: THRGRPOConfig | None = None, **kwargs):
+        compat.check_supported_trl()
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = THRGRPOConfig(f"{model_name.split('/')[-1]}-THR")
@@ -194,92 +98,82 @@ class THRGRPOTrainer(GRPOTrainer):
                 "(THRGRPOConfig accepts every GRPOConfig field) and set thr_strategy."
             )
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if args.thr_strategy != "none" and compat.uses_fsdp1(self.accelerator):
+            raise ValueError(
+                "THR reads the LM-head weight outside the forward, which FSDP version 1 keeps as a flat shard. Use "
+                "FSDP2: set fsdp_version: 2 in the accelerate config (trl-thr train --accelerate_config fsdp2)."
+            )
         if args.thr_positive_reward_func is not None and args.thr_positive_reward_func not in self.reward_func_names:
             raise ValueError(
                 f"thr_positive_reward_func={args.thr_positive_reward_func!r} is not one of the reward functions "
                 f"{self.reward_func_names}."
             )
-        # GSPO-token runs TRL's token-level path with rewritten old log-probs (see `gspo_token.py`).
-        self._sequence_token = args.importance_sampling_level == "sequence_token"
-        if self._sequence_token:
-            self.importance_sampling_level = "token"
-        self._hidden_capture: _HiddenStateCapture | None = None  # armed around the old-policy forward only
-        self._loss_inputs: dict | None = None  # inputs of the running loss forward, for GSPO-token
+        # The gathered rewards of the running generation batch, for `thr_positive_reward_threshold`: TRL's batch dict
+        # carries advantages, not rewards.
         self._rewards_per_func: torch.Tensor | None = None
+        # Armed only while TRL runs its own old-policy forward inside `_generate_and_score_completions`, so that THR
+        # reads that forward's hidden states instead of running another one.
+        self._old_policy_capture: compat.BackboneCapture | None = None
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
     @property
     def thr_p(self) -> float:
-        """Value of p for the current optimizer step (follows `thr_p_schedule`)."""
+        """Value of p for the current optimizer step (follows `thr_p_schedule`).
+
+        Progress is `global_step / (max_steps - 1)`: the first optimizer step uses `thr_p` and the last one
+        `thr_p_end`. Weights are computed when a generation batch is made, so with `steps_per_generation` above
+        `gradient_accumulation_steps` the steps sharing a batch share its p.
+        """
         max_steps = self.state.max_steps
-        progress = self.state.global_step / max_steps if max_steps and max_steps > 0 else 0.0
+        progress = self.state.global_step / (max_steps - 1) if max_steps and max_steps > 1 else 0.0
         return scheduled_p(self.args.thr_p, self.args.thr_p_end, self.args.thr_p_schedule, progress)
 
     # ---- hooks into GRPOTrainer -----------------------------------------------------------------------------------
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Kept for `thr_positive_reward_threshold`: the generation batch dict carries advantages, not rewards.
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._rewards_per_func
-
-    def _trl_computes_old_logps(self) -> bool:
-        # The condition under which GRPOTrainer._generate_and_score_completions (trl 1.16) runs the old-policy
-        # forward itself; THR then reads the hidden states of that forward instead of running another.
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        return self.args.gradient_accumulation_steps % generate_every != 0 or (
-            self.use_vllm and self.vllm_importance_sampling_correction
-        )
 
     def _generate_and_score_completions(self, inputs):
         if self.args.thr_strategy == "none":
             return super()._generate_and_score_completions(inputs)
-        capture = _HiddenStateCapture() if self._trl_computes_old_logps() else None
-        self._hidden_capture = capture
-        try:
-            batch = super()._generate_and_score_completions(inputs)
-        finally:
-            self._hidden_capture = None
-
-        start = time.perf_counter()
-        if capture is None:
-            old_logps, hidden_states = self._old_policy_forward(batch)
-            # TRL uses the training forward's own detached log-probs here (a ratio of exactly 1). Ours equal them
-            # unless dropout is active, in which case another mask would turn the ratio into noise: keep TRL's.
-            if not _has_active_dropout(self.model):
-                batch.setdefault("old_per_token_logps", old_logps)
-        else:
-            hidden_states, old_logps = capture.hidden_states, batch.get("old_per_token_logps")
-            if hidden_states is None or old_logps is None:
+        if compat.trl_computes_old_logps(self):
+            capture = compat.BackboneCapture()
+            self._old_policy_capture = capture
+            try:
+                batch = super()._generate_and_score_completions(inputs)
+            finally:
+                self._old_policy_capture = None
+            start = time.perf_counter()
+            hidden_states, token_logprobs = capture.hidden_states(), batch.get("old_per_token_logps")
+            if hidden_states is None or token_logprobs is None:
                 raise RuntimeError(
                     "THRGRPOTrainer expected GRPOTrainer to compute old_per_token_logps in this configuration and "
-                    "found none; the installed TRL version is not the one trl-thr supports (trl>=1.16,<1.17)."
+                    f"found none; trl-thr supports trl {compat.SUPPORTED_TRL}.x, found trl {compat.trl.__version__}."
                 )
+        else:
+            # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR runs
+            # its own no-grad forward and leaves the batch, and so TRL's ratio, untouched.
+            batch = super()._generate_and_score_completions(inputs)
+            start = time.perf_counter()
+            token_logprobs, hidden_states = self._old_policy_forward(batch)
         forward_seconds = self._seconds_since(start)
-        batch["thr_weights"] = self._compute_thr_weights(batch, hidden_states, forward_seconds, old_logps)
+        batch["thr_weights"] = self._compute_thr_weights(batch, hidden_states, token_logprobs, forward_seconds)
         return batch
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        if self._hidden_capture is not None and model is self.model:
-            # Disarm before the call: under PEFT the reference forward that follows also runs through self.model.
-            capture, self._hidden_capture = self._hidden_capture, None
-            with capture.attach(self._backbone(model), logits_to_keep):
-                return super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-                )
-        outputs = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        if self._loss_inputs is not None:
-            loss_inputs, self._loss_inputs = self._loss_inputs, None
-            mask = loss_inputs["completion_mask"]
-            if "tool_mask" in loss_inputs:
-                mask = mask * loss_inputs["tool_mask"]
-            # `_compute_loss` reads the old log-probs after this forward returns.
-            loss_inputs["old_per_token_logps"] = sequence_token_old_logps(
-                outputs[0], loss_inputs.get("old_per_token_logps"), mask
+        capture = self._old_policy_capture
+        if capture is None or model is not self.model:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
-        return outputs
+        # Disarm before the call: under PEFT the reference forward that follows also runs through self.model.
+        self._old_policy_capture = None
+        with capture.attach(compat.backbone(self, model), logits_to_keep):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
 
     def _compute_loss(self, model, inputs):
         inputs = dict(inputs)  # the buffered batch is reused across iterations: never mutate it
@@ -287,13 +181,21 @@ class THRGRPOTrainer(GRPOTrainer):
         if weights is not None:
             advantages = inputs["advantages"]
             inputs["advantages"] = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * weights
-        if not self._sequence_token:
+        if self.args.importance_sampling_level != "sequence_token":
             return super()._compute_loss(model, inputs)
-        self._loss_inputs = inputs
-        try:
+
+        # GSPO-token (see `gspo_token.py`): TRL's token-level ratio with old log-probs that turn it into
+        # sg[s_i] * pi / sg[pi]. They depend on the training forward's log-probs, so they are set right after it.
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        sampling_logps = inputs.get("old_per_token_logps")
+
+        def set_old_logps(per_token_logps):
+            inputs["old_per_token_logps"] = sequence_token_old_logps(per_token_logps, sampling_logps, mask)
+
+        with compat.token_level_ratio(self, set_old_logps):
             return super()._compute_loss(model, inputs)
-        finally:
-            self._loss_inputs = None
 
     # ---- THR ------------------------------------------------------------------------------------------------------
 
@@ -302,36 +204,24 @@ class THRGRPOTrainer(GRPOTrainer):
             torch.cuda.synchronize()  # kernels run asynchronously: time their completion, not their launch
         return time.perf_counter() - start
 
-    def _unwrapped_causal_lm(self, model=None):
-        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
-        return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
-
-    def _backbone(self, model) -> torch.nn.Module:
-        # The module TRL's fused LM head runs (`base_model`); its output is the final-norm hidden state.
-        return self._unwrapped_causal_lm(model).base_model
-
     def _old_policy_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One no-grad forward of the current (old) policy: `(old_per_token_logps (B, T), hidden (B, T, d))`."""
+        """One no-grad forward of the current (old) policy: `(token log-probs (B, T), hidden (B, T, d))`."""
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        forward_kwargs = {key: batch[key] for key in _FORWARD_KEYS if key in batch}
-        capture = _HiddenStateCapture()
-        self._hidden_capture = capture
-        try:
-            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    input_ids,
-                    attention_mask,
-                    batch["completion_ids"].size(1),
-                    batch_size=batch_size,
-                    **forward_kwargs,
-                )
-        finally:
-            self._hidden_capture = None
-        return logps, capture.hidden_states
+        logits_to_keep = batch["completion_ids"].size(1)
+        capture = compat.BackboneCapture()
+        with (
+            torch.no_grad(),
+            compat.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            capture.attach(compat.backbone(self), logits_to_keep),
+        ):
+            logps, _, _ = super()._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                **compat.forward_kwargs(batch),
+            )
+        return logps, capture.hidden_states()
 
     def _positive_mask(self, num_rows: int) -> torch.Tensor | None:
         """`(B,)` bool from rewards when `thr_positive_reward_threshold` is set; `None` means `A > 0`."""
@@ -354,11 +244,11 @@ class THRGRPOTrainer(GRPOTrainer):
         values = self.accelerator.gather(values)
         return values[~torch.isnan(values)]
 
-    def _compute_thr_weights(self, batch: dict, hidden_states: torch.Tensor, forward_seconds: float,
-                             token_logprobs: torch.Tensor) -> torch.Tensor:
+    def _compute_thr_weights(self, batch: dict, hidden_states: torch.Tensor, token_logprobs: torch.Tensor,
+                             forward_seconds: float) -> torch.Tensor:
         """THR weights `(B, T)` for a generation batch whose rows are whole, consecutive groups.
 
-        `token_logprobs` `(B, T)` are the log-probs of the forward that produced `hidden_states`.
+        `token_logprobs` `(B, T)` are the log-probs of the forward that produced `hidden_states` `(B, T, d)`.
         """
         start = time.perf_counter()
         args = self.args
@@ -376,30 +266,55 @@ class THRGRPOTrainer(GRPOTrainer):
         if "tool_mask" in batch:
             mask = mask * batch["tool_mask"]
         positive = self._positive_mask(num_rows)
+        causal_lm = compat.unwrapped_causal_lm(self)
 
-        with full_lm_head(self._unwrapped_causal_lm().get_output_embeddings()) as (weight, bias):
-            thr = compute_thr(
-                hidden_states,
-                batch["completion_ids"],
-                mask,
-                weight,
-                advantages,
-                num_generations,
-                temperature=self.temperature,
-                vocab=args.thr_vocab,
-                include_self=args.thr_include_self,
-                token_logprobs=token_logprobs,
-                positive_mask=positive,
-                lm_head_bias=bias,
-                block_elements=args.thr_block_elements,
-                **logit_transform_from_config(self._unwrapped_causal_lm().config),
-            )
+        # THR's probabilities are the trainer's: the same rounding of hidden states and head as its projection.
+        compute_dtype = compat.lm_head_compute_dtype(self, hidden_states)
+        if args.thr_log_normaliser == "exact":
+            token_logprobs = None  # the kernel streams the vocabulary for the normaliser
+        # Every process enters the head gather and the collectives below, whatever happens in between: THR's work
+        # differs by process (lengths, V'), so a failure on one must not leave the others waiting in a collective.
+        error = None
+        with compat.full_lm_head(causal_lm.get_output_embeddings()) as (weight, bias):
+            try:
+                thr = compute_thr(
+                    hidden_states.to(compute_dtype),
+                    batch["completion_ids"],
+                    mask,
+                    weight.to(compute_dtype),
+                    advantages,
+                    num_generations,
+                    temperature=self.temperature,
+                    vocab=args.thr_vocab,
+                    include_self=args.thr_include_self,
+                    token_logprobs=token_logprobs,
+                    positive_mask=positive,
+                    lm_head_bias=None if bias is None else bias.to(compute_dtype),
+                    block_elements=args.thr_block_elements,
+                    **compat.logit_transform_from_config(causal_lm.config),
+                )
+            except Exception as caught:  # noqa: BLE001 - re-raised below, on every process
+                error = caught
+        self._raise_if_any_process_failed(error)
+
         p = self.thr_p
         weights, taus = weights_from_config(args, thr, advantages, mask, num_generations, p=p,
                                             positive_mask=positive, gather_values=self._gather_across_processes)
         self._log_thr_metrics(mode, thr, weights, taus, advantages, mask, num_generations, positive, p,
                               self._seconds_since(start), forward_seconds)
         return weights
+
+    def _raise_if_any_process_failed(self, error: Exception | None) -> None:
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.accelerator.device)
+        failed_processes = int(self.accelerator.reduce(failed, reduction="sum").item())
+        if failed_processes == 0:
+            return
+        where = f"on this process: {type(error).__name__}: {error}" if error is not None else "on another process"
+        message = (
+            f"THR failed on {failed_processes} of {self.accelerator.num_processes} process(es), {where}. For an "
+            "out-of-memory error, lower thr_block_elements or per_device_train_batch_size."
+        )
+        raise THRComputationError(message) from error
 
     def _log_thr_metrics(self, mode, thr, weights, taus, advantages, mask, num_generations, positive, p, seconds,
                          forward_seconds):
@@ -442,6 +357,7 @@ class THRGRPOTrainer(GRPOTrainer):
         metrics["thr/tau"].append(ratio(tau_sum, tau_count))
         metrics["thr/abs_mean"].append(ratio(abs_sum, active_count))
         metrics["thr/groups_skipped_frac"].append(ratio(skipped, groups))
-        metrics["thr/p"].append(p)
+        if self.args.thr_strategy in _USES_P:
+            metrics["thr/p"].append(p)
         metrics["thr/seconds"].append(seconds / processes)
         metrics["thr/forward_seconds"].append(forward_seconds / processes)

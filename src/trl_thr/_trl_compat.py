@@ -1,0 +1,219 @@
+"""Every reliance of trl-thr on TRL 1.16 internals, in one place.
+
+`THRGRPOTrainer` overrides private `GRPOTrainer` methods and mirrors a few pieces of TRL logic. Each of them is
+named here, with the TRL code it mirrors, and each has a canary in `tests/test_trl_compat.py` that fails when a TRL
+upgrade changes it. Re-check this file before widening the `trl>=1.16,<1.17` pin.
+"""
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+import trl
+from accelerate.utils import is_peft_model
+from torch.distributed.tensor import DTensor
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+SUPPORTED_TRL = "1.16"
+
+# Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that come from the generation batch
+# (multimodal inputs); `_compute_loss` passes them as `inputs.get(key)`.
+FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+__all__ = [
+    "FORWARD_KEYS",
+    "SUPPORTED_TRL",
+    "BackboneCapture",
+    "backbone",
+    "check_supported_trl",
+    "disable_gradient_checkpointing",
+    "forward_kwargs",
+    "full_lm_head",
+    "lm_head_compute_dtype",
+    "lm_head_sharding",
+    "logit_transform_from_config",
+    "token_level_ratio",
+    "trl_computes_old_logps",
+    "unwrapped_causal_lm",
+    "uses_fsdp1",
+]
+
+
+def check_supported_trl() -> None:
+    """Raise if the installed TRL is not the minor version whose internals this module mirrors."""
+    if not trl.__version__.startswith(SUPPORTED_TRL + "."):
+        raise ImportError(
+            f"trl-thr supports trl {SUPPORTED_TRL}.x (it overrides private GRPOTrainer methods), found trl "
+            f"{trl.__version__}. Install trl>={SUPPORTED_TRL},<1.17."
+        )
+
+
+def forward_kwargs(batch: dict) -> dict:
+    """The multimodal keyword arguments of a log-prob forward, taken from a generation batch."""
+    return {key: batch[key] for key in FORWARD_KEYS if key in batch}
+
+
+def trl_computes_old_logps(trainer: GRPOTrainer) -> bool:
+    """Whether `GRPOTrainer._generate_and_score_completions` runs the old-policy forward itself.
+
+    Mirrors the condition in trl 1.16 (`grpo_trainer.py`, before `old_per_token_logps` is computed): off-policy
+    reuse of a generation batch, or vLLM with importance-sampling correction.
+    """
+    generate_every = trainer.args.steps_per_generation * trainer.num_iterations
+    return trainer.args.gradient_accumulation_steps % generate_every != 0 or (
+        trainer.use_vllm and trainer.vllm_importance_sampling_correction
+    )
+
+
+def logit_transform_from_config(config) -> dict:
+    """Logit scale and soft-capping of a model, read the way TRL's fused LM head reads them.
+
+    Mirrors `trl.trainer.utils.add_fused_lm_head` (trl 1.16): `logit_scale`, else `output_multiplier`, else
+    `lm_head_multiplier`, else `1 / logits_scaling` (`logits_scaling` itself for HyperCLOVA X); then
+    `final_logit_softcapping`. The temperature is the trainer's.
+    """
+    text_config = config.get_text_config()
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return {
+        "logit_scale": 1.0 if scale is None else scale,
+        "logit_softcap": getattr(text_config, "final_logit_softcapping", None),
+    }
+
+
+def unwrapped_causal_lm(trainer: GRPOTrainer, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The causal LM under the accelerate/DDP/DeepSpeed wrapper and, under PEFT, under the adapter wrapper (whose
+    modules still carry the adapter layers)."""
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model if model is None else model)
+    return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+
+
+def backbone(trainer: GRPOTrainer, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The module whose output TRL's fused LM head projects (`base_model`): its `last_hidden_state` is the
+    final-norm hidden state."""
+    return unwrapped_causal_lm(trainer, model).base_model
+
+
+def lm_head_sharding(weight: torch.Tensor) -> str | None:
+    """How the LM-head weight is sharded: `"deepspeed-zero3"`, `"dtensor"` (FSDP2) or `None` (whole)."""
+    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 replaces parameters by partitioned ones carrying ds_* fields
+        return "deepspeed-zero3"
+    if isinstance(weight, DTensor):
+        return "dtensor"
+    return None
+
+
+@contextmanager
+def full_lm_head(head: torch.nn.Module):
+    """The whole `(weight (V, d), bias (V,) | None)` of an LM head for the duration of the block.
+
+    THR reads the weight outside the head's forward, so sharded weights are gathered the way TRL's fused head
+    gathers them: ZeRO-3 through `maybe_gather_lm_head_ctx`, FSDP2 with `full_tensor()`. Both are collectives:
+    every process must enter this block.
+    """
+    weight, bias = head.weight, head.bias
+    sharding = lm_head_sharding(weight)
+    if sharding == "deepspeed-zero3":
+        with maybe_gather_lm_head_ctx(weight, bias):
+            yield weight, bias
+    elif sharding == "dtensor":
+        yield weight.full_tensor(), bias.full_tensor() if isinstance(bias, DTensor) else bias
+    else:
+        yield weight, bias
+
+
+def lm_head_compute_dtype(trainer: GRPOTrainer, hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype in which TRL's fused head multiplied hidden states by the LM head.
+
+    Mirrors trl 1.16's chunked log-prob kernel: float32 with `cast_lm_head_to_fp32`, else the autocast dtype when
+    the trainer runs under mixed precision (`accelerator.autocast()`), else the hidden states' own dtype.
+    """
+    if trainer.args.cast_lm_head_to_fp32:
+        return torch.float32
+    autocast_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    return autocast_dtypes.get(str(trainer.accelerator.mixed_precision), hidden_states.dtype)
+
+
+def uses_fsdp1(accelerator) -> bool:
+    """Whether the run is wrapped by FSDP version 1, whose flat parameters are not `(V, d)` outside the forward."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return plugin is not None and getattr(plugin, "fsdp_version", 1) == 1
+
+
+class BackboneCapture:
+    """Collects the backbone's final hidden states at completion positions during one log-prob forward.
+
+    Aligned as TRL's fused head aligns them: the state at position t predicts token t + 1, so the completion's
+    `(B, T, d)` states are `last_hidden_state[:, :-1][:, -logits_to_keep:]`.
+    """
+
+    def __init__(self):
+        self.chunks: list[torch.Tensor] = []
+
+    @contextmanager
+    def attach(self, module: torch.nn.Module, logits_to_keep: int):
+        def hook(module, args, output):
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            # A copy, so the prompt positions' storage is freed with the forward.
+            self.chunks.append(hidden[:, :-1][:, -logits_to_keep:].detach().clone())
+
+        handle = module.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def hidden_states(self) -> torch.Tensor | None:
+        """`(B, T, d)`, or `None` if the forward never reached the backbone. Frees the chunks."""
+        chunks, self.chunks = self.chunks, []
+        return torch.cat(chunks) if chunks else None
+
+
+@contextmanager
+def token_level_ratio(trainer: GRPOTrainer, on_logps):
+    """Run one `GRPOTrainer._compute_loss` call on TRL's token-level ratio with old log-probs chosen after the
+    training forward: `on_logps(per_token_logps)` returns the `old_per_token_logps` the ratio uses.
+
+    Relies on trl 1.16's `_compute_loss` calling `_get_per_token_logps_and_entropies` once and then reading
+    `importance_sampling_level` and `inputs["old_per_token_logps"]`; `on_logps` writes into the caller's own copy
+    of the inputs. Both changes last for the block only.
+    """
+    level = trainer.importance_sampling_level
+    forward = trainer._get_per_token_logps_and_entropies  # the bound method, overrides included
+
+    def forward_then_choose_old(*args, **kwargs):
+        outputs = forward(*args, **kwargs)
+        on_logps(outputs[0])
+        return outputs
+
+    trainer.importance_sampling_level = "token"
+    trainer._get_per_token_logps_and_entropies = forward_then_choose_old  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del trainer._get_per_token_logps_and_entropies
+        trainer.importance_sampling_level = level
+
+
+def grpo_forward_parameters() -> set[str]:
+    """Keyword parameters of `GRPOTrainer._get_per_token_logps_and_entropies` (for the canary test)."""
+    return set(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)

@@ -1,0 +1,157 @@
+"""Canaries for every TRL internal trl-thr relies on (`trl_thr._trl_compat`): each fails loudly on a TRL upgrade
+that changes what the package mirrors."""
+
+import inspect
+from unittest.mock import patch
+
+import pytest
+import torch
+import trl
+from tiny import length_reward, tiny_dataset
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
+
+from trl_thr import _trl_compat as compat
+from trl_thr.thr import transform_logits
+
+CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
+
+
+def test_supported_trl_version():
+    assert trl.__version__.startswith(compat.SUPPORTED_TRL + ".")
+    with patch.object(compat.trl, "__version__", "1.17.0"), pytest.raises(ImportError, match="trl>=1.16,<1.17"):
+        compat.check_supported_trl()
+
+
+def test_forward_keys_are_exactly_the_multimodal_parameters_of_the_log_prob_forward():
+    parameters = compat.grpo_forward_parameters()
+    standard = {"self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+                "compute_aux_loss"}
+    assert set(compat.FORWARD_KEYS) == parameters - standard
+
+
+def test_loss_reads_the_forward_keys_from_the_inputs():
+    # `_compute_loss` passes each forward key as `inputs.get(key)`: what `forward_kwargs` feeds THR's forward.
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    for key in compat.FORWARD_KEYS:
+        assert f'{key}=inputs.get("{key}")' in source, key
+
+
+def test_loss_reads_old_logps_and_level_after_the_forward():
+    # GSPO-token (`token_level_ratio`) sets the old log-probs right after the training forward.
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    forward = source.index("self._get_per_token_logps_and_entropies(")
+    assert source.index('inputs.get("old_per_token_logps")') > forward
+    assert source.index("self.importance_sampling_level ==") > forward
+    assert source.count("self._get_per_token_logps_and_entropies(") == 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # on-policy: TRL uses the training forward's own log-probs
+        dict(num_iterations=2),
+        dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, steps_per_generation=1),
+        dict(gradient_accumulation_steps=1, per_device_train_batch_size=2, steps_per_generation=2),
+    ],
+)
+def test_old_logp_condition_matches_what_trl_does(overrides, tiny_model_path, tmp_path):
+    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                  max_completion_length=4, **CPU)
+    kwargs.update(overrides)
+    trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=GRPOConfig(**kwargs),
+                          train_dataset=tiny_dataset())
+    rows = trainer.args.per_device_train_batch_size * trainer.args.steps_per_generation
+    batch = trainer._generate_and_score_completions(list(tiny_dataset())[: rows // 2] * 2)
+    assert ("old_per_token_logps" in batch) == compat.trl_computes_old_logps(trainer)
+
+
+def _tiny_config(kind: str):
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig
+
+    common = dict(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
+    if kind == "gemma2-softcap":
+        return Gemma2Config(final_logit_softcapping=3.0, **common)
+    if kind == "cohere-scale":
+        return CohereConfig(logit_scale=0.4, **common)
+    return GraniteConfig(logits_scaling=2.5, **common)
+
+
+@pytest.mark.parametrize("kind", ["gemma2-softcap", "cohere-scale", "granite-scaling"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logit_transform_matches_trls_fused_head(kind, temperature):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind)).eval()
+    # Larger logits, so that scale and soft-cap matter.
+    model.get_output_embeddings().weight.data.mul_(20)
+    transform = compat.logit_transform_from_config(model.config)
+    assert (transform["logit_scale"], transform["logit_softcap"]) != (1.0, None)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]
+        logits = model.get_output_embeddings()(hidden)
+        ours = torch.log_softmax(transform_logits(logits, temperature=temperature, **transform), -1)
+        ours = ours.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        add_fused_lm_head(model, temperature=temperature)
+        theirs = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_output_is_what_the_fused_head_projects(tiny_model_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    add_fused_lm_head(model)
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    capture = compat.BackboneCapture()
+    with torch.no_grad(), capture.attach(model.base_model, logits_to_keep=3):
+        log_probs = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs[:, -3:]
+    hidden = capture.hidden_states()
+    expected = torch.log_softmax(model.lm_head(hidden), -1).gather(-1, ids[:, -3:, None]).squeeze(-1)
+    torch.testing.assert_close(log_probs, expected, rtol=1e-5, atol=1e-5)
+    assert capture.hidden_states() is None  # freed
+
+
+def test_lm_head_compute_dtype_follows_trls_kernel(tiny_model_path, tmp_path):
+    # trl's chunked log-prob kernel: fp32 with cast_lm_head_to_fp32, else the autocast dtype, else the input's.
+    source = inspect.getsource(trl.kernels.chunked_logprob)
+    assert "torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype" in source
+    trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, train_dataset=tiny_dataset(),
+                          args=GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                                          **CPU))
+    hidden = torch.zeros(1, dtype=torch.bfloat16)
+    assert compat.lm_head_compute_dtype(trainer, hidden) == torch.bfloat16
+    with patch.object(type(trainer.accelerator), "mixed_precision", new="fp16"):
+        assert compat.lm_head_compute_dtype(trainer, hidden) == torch.float16
+    trainer.args.cast_lm_head_to_fp32 = True
+    assert compat.lm_head_compute_dtype(trainer, hidden) == torch.float32
+
+
+class _State:
+    def __init__(self, fsdp_plugin):
+        self.fsdp_plugin = fsdp_plugin
+
+
+class _Accelerator:
+    def __init__(self, fsdp_plugin=None):
+        self.state = _State(fsdp_plugin)
+
+
+def test_fsdp1_is_recognised():
+    from types import SimpleNamespace
+
+    assert not compat.uses_fsdp1(_Accelerator())
+    assert compat.uses_fsdp1(_Accelerator(SimpleNamespace(fsdp_version=1)))
+    assert not compat.uses_fsdp1(_Accelerator(SimpleNamespace(fsdp_version=2)))
+    # accelerate's plugin still carries the field this check reads
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    assert "fsdp_version" in inspect.signature(FullyShardedDataParallelPlugin).parameters
+
+
+def test_trainer_refuses_fsdp1(tiny_model_path, tmp_path):
+    from trl_thr import THRGRPOConfig, THRGRPOTrainer
+
+    args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, **CPU)
+    with patch.object(compat, "uses_fsdp1", lambda accelerator: True), pytest.raises(ValueError, match="FSDP2"):
+        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())

@@ -1,4 +1,5 @@
-"""Answer extraction, grading and reward functions (correct, wrong, unparseable, None, raising)."""
+"""Answer extraction, grading and reward functions (correct, wrong, unparseable, None, raising), and how
+`reward_funcs` entries resolve: TRL's registry names as in `trl grpo`, dotted paths, ours, `module:function`."""
 
 import ast
 import asyncio
@@ -154,7 +155,8 @@ def test_trl_registry_names_match_trl_grpo():
     assert tuple(registry) == TRL_REWARDS
     overlong = registry["get_soft_overlong_punishment"]
     assert {k.arg: k.value.value for k in overlong.keywords} == TRL_SOFT_OVERLONG_ARGS
-    assert all(isinstance(v, ast.Name) and v.id == k for k, v in registry.items() if k != "get_soft_overlong_punishment")
+    plain = {k: v for k, v in registry.items() if k != "get_soft_overlong_punishment"}
+    assert all(isinstance(v, ast.Name) and v.id == k for k, v in plain.items())  # trl.rewards' functions as they are
 
 
 def test_trl_rewards_by_name_are_trls_own():

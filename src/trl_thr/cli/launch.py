@@ -9,9 +9,10 @@ are TRL's names too).
 TRL's presets are written for one 8-GPU machine in bf16 (`num_processes: 8`, `mixed_precision: bf16`). For a preset,
 trl-thr passes instead `--num_processes` (given, else the GPUs of this machine times `num_machines`, at least 1)
 and `--mixed_precision no`, so that the training config decides the precision: `GRPOConfig`'s `bf16` (on by
-default), or float32 with `use_cpu: true, bf16: false`, where a bf16 preset would otherwise autocast the CPU workers
-to bf16. On a machine without GPUs, `multi_gpu` starts torchrun workers that train on the CPU with gloo. A config
-file of your own is used as written, apart from the launch fields given to `trl-thr train`.
+default), or none with `use_cpu: true, bf16: false`, where the preset's bf16 would otherwise reach the workers'
+`TrainingArguments.mixed_precision` through `ACCELERATE_MIXED_PRECISION`. On a machine without GPUs, `multi_gpu`
+starts torchrun workers that train on the CPU with gloo. A config file of your own is used as written, apart from
+`num_processes` and `num_machines`.
 
 `trl-thr train --num_processes 8 --accelerate_config zero3 ...` is
 `accelerate launch --config_file <trl/accelerate_configs/zero3.yaml> --mixed_precision no --num_processes 8

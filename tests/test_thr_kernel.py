@@ -5,7 +5,19 @@ import math
 import pytest
 import torch
 
-from trl_thr.thr import compute_thr, transform_logits
+from trl_thr.thr import compute_thr
+
+
+def reference_logits(hidden, weight, bias=None, temperature=1.0, logit_scale=1.0, logit_softcap=None):
+    """TRL's fused-head transform, written out here so that the reference does not share code with the kernel:
+    `z = W h + b`, times `logit_scale`, soft-capped as `cap * tanh(z / cap)`, divided by the temperature."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return logits / temperature
 
 
 def reference_thr(
@@ -26,9 +38,8 @@ def reference_thr(
 ):
     """THR_{j,t} = sign(A_j) sum_{i in P} 1/|y_i| sum_k alpha((i,k),(j,t)) <h_ik, h_jt>, alpha spelled out."""
     hidden, weight = hidden.double(), weight.double()
-    logits = hidden @ weight.T + (0 if bias is None else bias.double())
-    probs = torch.softmax(transform_logits(logits, temperature=temperature, logit_scale=logit_scale,
-                                           logit_softcap=logit_softcap), dim=-1)
+    bias = None if bias is None else bias.double()
+    probs = torch.softmax(reference_logits(hidden, weight, bias, temperature, logit_scale, logit_softcap), dim=-1)
     batch, length = ids.shape
     out = torch.zeros(batch, length, dtype=torch.float64)
     tokens = lambda row: [t for t in range(length) if mask[row, t]]  # noqa: E731
@@ -36,7 +47,7 @@ def reference_thr(
         rows = range(start, start + num_generations)
         is_positive = lambda r: bool(advantages[r] > 0 if positive is None else positive[r])  # noqa: E731
         pos = [r for r in rows if is_positive(r) and tokens(r)]
-        if not pos or all(advantages[r] == 0 for r in rows):
+        if not pos or len({float(advantages[r]) for r in rows}) == 1:  # empty P, or equal rewards
             continue
         if vocab == "sampled":
             kept = sorted({int(ids[r, t]) for r in rows for t in tokens(r)})
@@ -77,8 +88,8 @@ def make_batch(seed, batch, length, hidden_size, vocab_size, num_generations, ra
     return hidden, ids, mask, weight, advantages
 
 
-def true_logprobs(hidden, ids, weight, temperature=1.0, bias=None):
-    logits = transform_logits(hidden @ weight.T + (0 if bias is None else bias), temperature=temperature)
+def true_logprobs(hidden, ids, weight, temperature=1.0, bias=None, logit_scale=1.0, logit_softcap=None):
+    logits = reference_logits(hidden, weight, bias, temperature, logit_scale, logit_softcap)
     return torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
 
 
@@ -117,6 +128,68 @@ def test_bias_scale_and_softcap_match_reference():
     for vocab in ("sampled", "full"):
         got = compute_thr(hidden, ids, mask, weight, advantages, 2, lm_head_bias=bias, vocab=vocab, **kwargs)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def hard_batch():
+    """Six groups of three that cover every case at once: an ordinary group, equal advantages, no positive
+    completion, a fully padded row and a row with masked tokens in its middle (tool output), a zero-advantage row;
+    the last position is padding everywhere."""
+    hidden, ids, _, weight, _ = make_batch(13, 18, 7, 4, 13, 3, ragged=False)
+    mask = torch.ones(18, 7, dtype=torch.long)
+    mask[:, -1] = 0
+    mask[[1, 4, 13], 3:] = 0  # ragged lengths
+    mask[10] = 0  # a positive completion without tokens, in the middle of the batch: not in P
+    mask[11, 1:3] = 0  # padding inside a row
+    mask[15, 2:5] = 0
+    advantages = torch.tensor([1.2, -0.6, -0.6,  0.4, 0.4, 0.4,  -0.5, -1.0, -0.2,
+                               0.8, 0.5, -1.3,  1.0, 0.0, -1.0,  0.3, -0.9, 0.6], dtype=torch.float64)
+    bias = torch.randn(13, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    return hidden, ids, mask, weight, advantages, bias
+
+
+@pytest.mark.parametrize("vocab", ["sampled", "full"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_transform_ragged_masks_and_inactive_groups_match_reference(vocab, include_self):
+    hidden, ids, mask, weight, advantages, bias = hard_batch()
+    transform = dict(temperature=0.7, logit_scale=1.7, logit_softcap=2.5)
+    expected = reference_thr(hidden, ids, mask, weight, advantages, 3, vocab=vocab, include_self=include_self,
+                             bias=bias, **transform)
+    logprobs = true_logprobs(hidden, ids, weight, bias=bias, **transform)
+    for token_logprobs in (None, logprobs):
+        got = compute_thr(hidden, ids, mask, weight, advantages, 3, vocab=vocab, include_self=include_self,
+                          token_logprobs=token_logprobs, lm_head_bias=bias, **transform)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    # The cases the batch is built for really occur: values where THR applies, exact zeros everywhere else.
+    assert (got.view(6, 3, 7)[[0, 3, 4, 5]].abs().sum(dim=(1, 2)) > 0).all()
+    assert (got.view(6, 3, 7)[[1, 2]] == 0).all() and (got[10] == 0).all() and (got[13] == 0).all()
+    assert (got[mask == 0] == 0).all()
+
+
+def test_garbage_at_padding_does_not_leak():
+    """Whatever a caller leaves at uncounted positions (NaN hidden states, log-probs or ids) changes nothing."""
+    hidden, ids, mask, weight, advantages, bias = hard_batch()
+    logprobs = true_logprobs(hidden, ids, weight, bias=bias)
+    expected = compute_thr(hidden, ids, mask, weight, advantages, 3, lm_head_bias=bias, token_logprobs=logprobs)
+    padding = mask == 0
+    hidden, logprobs, ids = hidden.clone(), logprobs.clone(), ids.clone()
+    hidden[padding] = math.nan
+    logprobs[padding] = math.nan
+    ids[padding] = 12  # an id no counted token uses
+    for vocab in ("sampled", "full"):
+        got = compute_thr(hidden, ids, mask, weight, advantages, 3, lm_head_bias=bias, token_logprobs=logprobs,
+                          vocab=vocab)
+        if vocab == "sampled":
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(got).all() and (got[padding] == 0).all()
+
+
+def test_the_logit_transform_changes_thr():
+    """Guards the test above: temperature, scale and soft-cap each move THR by far more than its tolerance."""
+    hidden, ids, mask, weight, advantages, bias = hard_batch()
+    base = compute_thr(hidden, ids, mask, weight, advantages, 3, lm_head_bias=bias)
+    for transform in (dict(temperature=0.7), dict(logit_scale=1.7), dict(logit_softcap=2.5)):
+        moved = compute_thr(hidden, ids, mask, weight, advantages, 3, lm_head_bias=bias, **transform)
+        assert (moved - base).abs().max() > 1e-3 * base.abs().max()
 
 
 def test_small_blocks_give_the_same_values():
@@ -186,14 +259,15 @@ def test_padding_and_zero_advantage_rows_are_zero():
 
 
 def block_shapes(monkeypatch):
-    """Record the shape of every (tokens x vocabulary) logits block the kernel builds."""
+    """Record `(groups, tokens per group, columns)` of every logits block the kernel builds (groups = 1 for a
+    block of tokens that is not split by group)."""
     import trl_thr.thr as thr_module
 
     shapes, real = [], thr_module._block_logits
 
     def recording(hidden, weight, bias, logit_kwargs):
         out = real(hidden, weight, bias, logit_kwargs)
-        shapes.append(tuple(out.shape))
+        shapes.append((1,) * (3 - out.dim()) + tuple(out.shape))
         return out
 
     monkeypatch.setattr(thr_module, "_block_logits", recording)
@@ -207,8 +281,8 @@ def test_sampled_mode_with_token_logprobs_touches_only_the_groups_ids(monkeypatc
     shapes = block_shapes(monkeypatch)
     compute_thr(hidden, ids, mask, weight, advantages, 2, token_logprobs=true_logprobs(hidden, ids, weight))
     distinct = max(int(ids[g * 2 : g * 2 + 2][mask[g * 2 : g * 2 + 2].bool()].unique().numel()) for g in range(2))
-    assert shapes and max(columns for _, columns in shapes) <= distinct
-    assert max(rows for rows, _ in shapes) <= 2 * 5  # the tokens of one group
+    assert shapes and max(columns for _, _, columns in shapes) <= distinct
+    assert max(tokens for _, tokens, _ in shapes) <= 2 * 5  # each group's slice holds that group's tokens only
 
 
 def test_full_mode_respects_the_block_budget(monkeypatch):
@@ -216,8 +290,8 @@ def test_full_mode_respects_the_block_budget(monkeypatch):
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     shapes = block_shapes(monkeypatch)
     compute_thr(hidden, ids, mask, weight, advantages, 2, vocab="full", block_elements=60)
-    assert shapes and max(rows * columns for rows, columns in shapes) <= 60
-    assert sum(columns for rows, columns in shapes) > 400  # the whole vocabulary was visited, block by block
+    assert shapes and max(groups * tokens * columns for groups, tokens, columns in shapes) <= 60
+    assert sum(columns for _, _, columns in shapes) > 400  # the whole vocabulary was visited, block by block
 
 
 @pytest.mark.parametrize(

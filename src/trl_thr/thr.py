@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,7 +31,7 @@ QUANTILE_SCOPES = ("group", "batch")
 VOCAB_MODES = ("sampled", "full")
 P_SCHEDULES = ("constant", "linear", "cosine")
 
-# Largest (tokens x vocabulary) block the kernel materialises at once: 2**24 float32 values are 64 MiB.
+# Largest block (tokens x vocabulary, or influence rows x d) the kernel holds at once: 2**24 float32 values are 64 MiB.
 DEFAULT_BLOCK_ELEMENTS = 2**24
 
 
@@ -105,21 +105,14 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> Non
         raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}.")
 
 
-def _vocab_blocks(
-    vocab_ids: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None, block_rows: int, dtype
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yield `(ids (C,), W_ids (C, d), b_ids (C,) | None)` blocks covering sorted `vocab_ids`, cast to `dtype`."""
-    for start in range(0, vocab_ids.numel(), block_rows):
-        ids = vocab_ids[start : start + block_rows]
-        weight = lm_head_weight[ids].to(dtype)
-        bias = None if lm_head_bias is None else lm_head_bias[ids].to(dtype)
-        yield ids, weight, bias
-
-
 def _block_logits(hidden, weight, bias, logit_kwargs) -> torch.Tensor:
-    logits = hidden @ weight.T
+    """Transformed logits of `hidden` `(..., n, d)` on a block of `C` vocabulary rows, shape `(..., n, C)`.
+
+    `weight` is `(C, d)` (shared by every group) or `(..., C, d)` (one block per group); `bias` `(C,)` or `(..., C)`.
+    """
+    logits = hidden @ weight.transpose(-1, -2)
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias.unsqueeze(-2)
     return transform_logits(logits, **logit_kwargs)
 
 
@@ -129,7 +122,7 @@ def _log_normaliser(
     """log-sum-exp of the transformed logits over the full vocabulary, shape `(N,)`.
 
     With the trainer's log-prob of each sampled token this costs one dot product per token: `LSE = z_y - log pi(y)`.
-    Without it, the full vocabulary is streamed in blocks.
+    Without it, the full vocabulary is streamed in `(tokens x vocabulary)` blocks of at most `block_elements`.
     """
     dtype = hidden.dtype
     if token_logprobs is not None:
@@ -138,80 +131,193 @@ def _log_normaliser(
         if lm_head_bias is not None:
             target_logit = target_logit + lm_head_bias[targets].to(dtype)
         return transform_logits(target_logit, **logit_kwargs) - token_logprobs.to(dtype)
-    vocab_size = lm_head_weight.size(0)
-    block_rows = max(1, block_elements // max(1, hidden.size(0)))
-    lse = hidden.new_full((hidden.size(0),), -math.inf)
-    all_ids = torch.arange(vocab_size, device=hidden.device)
-    for _, weight, bias in _vocab_blocks(all_ids, lm_head_weight, lm_head_bias, block_rows, dtype):
-        lse = torch.logaddexp(lse, torch.logsumexp(_block_logits(hidden, weight, bias, logit_kwargs), dim=-1))
+    num_tokens, vocab_size = hidden.size(0), lm_head_weight.size(0)
+    token_rows = min(num_tokens, block_elements)
+    vocab_rows = max(1, block_elements // token_rows)
+    lse = hidden.new_full((num_tokens,), -math.inf)
+    for start in range(0, num_tokens, token_rows):
+        part = slice(start, start + token_rows)
+        for column in range(0, vocab_size, vocab_rows):
+            columns = slice(column, column + vocab_rows)
+            bias = None if lm_head_bias is None else lm_head_bias[columns].to(dtype)
+            logits = _block_logits(hidden[part], lm_head_weight[columns].to(dtype), bias, logit_kwargs)
+            lse[part] = torch.logaddexp(lse[part], torch.logsumexp(logits, dim=-1))
     return lse
 
 
 @dataclass
 class _GroupTokens:
-    """The counted tokens of one group in row-major order: `hidden` (N, d), `targets` (N,), `lse` (N,); row `j`
-    owns tokens `row_bounds[j]`."""
+    """The groups THR applies to, laid out as `(A, G, L)`: `A` groups of `G` rows, each row cut at `L`, the last
+    counted position of any of them. Positions that do not count (padding, masked tool output) keep their place so
+    that rows stay rectangular. Their hidden state is 0, so they neither add to `M` (a sum of `g h^T`) nor receive
+    anything (`M h = 0`), and their `lse` is `+inf`, so that whatever the caller left there cannot become a NaN.
 
-    hidden: torch.Tensor
-    targets: torch.Tensor
-    lse: torch.Tensor
-    row_bounds: list[tuple[int, int]]
+    The vocabulary `V'` is either the full one (`vocab_ids is None`, column `c` is token id `c`) or each group's own
+    sampled ids, sorted and padded to the largest `|V'|` of the batch: `vocab_ids` `(A, V'_max)`, with
+    `vocab_valid` marking the real columns.
+    """
+
+    hidden: torch.Tensor  # (A, G, L, d)
+    lse: torch.Tensor  # (A, G, L), full-vocabulary log-normaliser
+    target_column: torch.Tensor  # (A, G, L), column of the sampled token in its group's V'
+    coef: torch.Tensor  # (A, G), 1/|y_i| for rows in the positive set P, else 0
+    vocab_ids: torch.Tensor | None  # (A, V'_max)
+    vocab_valid: torch.Tensor | None  # (A, V'_max)
+    vocab_width: int  # V'_max, or V for the full vocabulary
     logit_kwargs: dict
 
-    def chunks(self, row: int, size: int) -> Iterator[tuple[int, int]]:
-        start, end = self.row_bounds[row]
-        for chunk_start in range(start, end, size):
-            yield chunk_start, min(chunk_start + size, end)
+    def groups(self, start: int, end: int) -> _GroupTokens:
+        """The same layout restricted to groups `start:end` (views, no copy)."""
+        def cut(tensor):
+            return None if tensor is None else tensor[start:end]
 
-    def residual(self, block, start: int, end: int) -> torch.Tensor:
-        """`g = e_y - pi` restricted to the block's ids for tokens `start:end`, shape `(n, C)`."""
-        ids, weight, bias = block
-        targets = self.targets[start:end]
-        residual = (_block_logits(self.hidden[start:end], weight, bias, self.logit_kwargs)
-                    - self.lse[start:end, None]).exp_().neg_()
-        column = torch.searchsorted(ids, targets).clamp(max=ids.numel() - 1)
-        hits = torch.nonzero(ids[column] == targets).squeeze(1)
-        residual[hits, column[hits]] += 1
-        return residual
+        return replace(self, hidden=cut(self.hidden), lse=cut(self.lse), target_column=cut(self.target_column),
+                       coef=cut(self.coef), vocab_ids=cut(self.vocab_ids), vocab_valid=cut(self.vocab_valid))
 
-    def row_matrix(self, block, row: int, coef: float, chunk: int) -> torch.Tensor:
-        """`coef * sum_k g_{row,k} h_{row,k}^T` on the block's ids, shape `(C, d)`."""
-        matrix = self.hidden.new_zeros(block[0].numel(), self.hidden.size(1))
-        for start, end in self.chunks(row, chunk):
-            matrix.addmm_(self.residual(block, start, end).T, self.hidden[start:end], alpha=coef)
-        return matrix
+    def residual(self, block: _VocabBlock, positions: slice) -> torch.Tensor:
+        """`g = e_y - pi` on the block's columns for the tokens at `positions` of every row, shape `(A, G, n, C)`."""
+        groups, rows, _, hidden_size = self.hidden.shape
+        hidden = self.hidden[:, :, positions].reshape(groups, -1, hidden_size)  # (A, G*n, d)
+        logits = _block_logits(hidden, block.weight, block.bias, self.logit_kwargs)  # (A, G*n, C)
+        residual = logits.sub_(self.lse[:, :, positions].reshape(groups, -1, 1)).exp_().neg_()
+        columns = torch.arange(block.start, block.start + logits.size(-1), device=logits.device)
+        residual += self.target_column[:, :, positions].reshape(groups, -1, 1) == columns  # e_y
+        if block.valid is not None:
+            residual.masked_fill_(~block.valid[:, None, :], 0)  # a group's V' padded to V'_max
+        return residual.view(groups, rows, -1, residual.size(-1))
+
+
+@dataclass
+class _VocabBlock:
+    """Columns `start:start + C` of the groups' vocabularies: `weight` `(C, d)` or `(A, C, d)`, `bias` likewise,
+    `valid` `(A, C)` for padded sampled vocabularies."""
+
+    start: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    valid: torch.Tensor | None
+
+
+def _vocab_blocks(
+    tokens: _GroupTokens, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None, width: int
+) -> Iterator[_VocabBlock]:
+    """Yield the blocks of `width` columns covering `tokens.vocab_width`, with the LM head rows cast to float."""
+    dtype = tokens.hidden.dtype
+    for start in range(0, tokens.vocab_width, width):
+        if tokens.vocab_ids is None:
+            ids, valid = slice(start, start + width), None
+        else:
+            ids, valid = tokens.vocab_ids[:, start : start + width], tokens.vocab_valid[:, start : start + width]
+        bias = None if lm_head_bias is None else lm_head_bias[ids].to(dtype)
+        yield _VocabBlock(start, lm_head_weight[ids].to(dtype), bias, valid)
+
+
+def _gather_groups(
+    hidden_states, completion_ids, mask, lm_head_weight, lm_head_bias, token_logprobs, coef, rows, vocab,
+    logit_kwargs, block_elements, dtype,
+) -> _GroupTokens:
+    """Lay out the rows `rows` `(A*G,)` of the active groups as [`_GroupTokens`], on the device.
+
+    Besides `compute_thr`'s count of active groups, this is the only place the host waits for the device, once
+    per batch: `torch.unique` sizes its output, and `L` and `V'_max` size every buffer that follows.
+    """
+    num_rows = rows.numel()
+    num_groups, num_generations = coef.shape
+    vocab_size = lm_head_weight.size(0)
+    device = hidden_states.device
+    counted = mask[rows]  # (A*G, T)
+    targets = completion_ids[rows]
+    positions = torch.arange(1, counted.size(1) + 1, device=device)
+    last_position = (counted * positions).amax()
+    if vocab == "sampled":
+        # One sorted pass over (group, id) keys gives every group's V' at once; uncounted tokens get a key past
+        # every group's range, so they sort last and never enter a V'.
+        group_of_row = torch.arange(num_groups, device=device).repeat_interleave(num_generations)[:, None]
+        keys = torch.where(counted, group_of_row * vocab_size + targets, num_groups * vocab_size)
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        group_starts = torch.searchsorted(unique_keys, torch.arange(num_groups + 1, device=device) * vocab_size)
+        sizes = group_starts.diff()  # |V'| per group, (A,)
+        length, vocab_width = torch.stack([last_position, sizes.max()]).tolist()
+        key_group = unique_keys // vocab_size  # A for the uncounted key
+        key_column = torch.arange(unique_keys.numel(), device=device) - group_starts[key_group]
+        # One spare row holds the uncounted key, so the scatter needs no filtering.
+        vocab_ids = torch.zeros(num_groups + 1, vocab_width, dtype=torch.long, device=device)
+        vocab_ids[key_group, key_column] = unique_keys % vocab_size
+        vocab_valid = torch.zeros(num_groups + 1, vocab_width, dtype=torch.bool, device=device)
+        vocab_valid[key_group, key_column] = True
+        vocab_ids, vocab_valid = vocab_ids[:num_groups], vocab_valid[:num_groups]
+        target_column = key_column[inverse]
+    else:
+        length = last_position.item()
+        vocab_width, vocab_ids, vocab_valid = vocab_size, None, None
+        target_column = targets
+
+    counted, targets, target_column = counted[:, :length], targets[:, :length], target_column[:, :length]
+    hidden = hidden_states[rows, :length].to(dtype).masked_fill_(~counted[..., None], 0)  # (A*G, L, d)
+    logprobs = None if token_logprobs is None else token_logprobs[rows, :length].flatten()
+    lse = _log_normaliser(hidden.flatten(0, 1), targets.flatten(), lm_head_weight, lm_head_bias, logprobs,
+                          logit_kwargs, block_elements).view(num_rows, length)
+    shape = (num_groups, num_generations, length)
+    return _GroupTokens(
+        hidden=hidden.view(*shape, -1),
+        lse=lse.masked_fill(~counted, math.inf).view(shape),
+        target_column=target_column.view(shape),
+        coef=coef,
+        vocab_ids=vocab_ids,
+        vocab_valid=vocab_valid,
+        vocab_width=vocab_width,
+        logit_kwargs=logit_kwargs,
+    )
 
 
 def _group_thr(
     tokens: _GroupTokens,
-    coef: list[float],
-    compute_rows: list[bool],
-    blocks: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
     include_self: bool,
     block_elements: int,
 ) -> torch.Tensor:
-    """Unsigned THR `g^T M h` for every token of one group, shape `(N,)`.
+    """Unsigned THR `g^T M h` of every position of `tokens`, shape `(A, G, L)`.
 
-    Row `j` enters `M` with coefficient `coef[j]` (`1/|y_j|` if positive, else 0) and gets a value only if
-    `compute_rows[j]`. `g^T M h` is a sum over vocabulary blocks, so each block is handled on its own and at most
-    `block_elements` (tokens x vocabulary) values exist at a time.
+    `g^T M h` is a sum over vocabulary columns, so each block of columns is handled on its own: pass 1 accumulates
+    the block's rows of `M`, pass 2 projects every token on them. With `include_self=False` pass 1 keeps each
+    row's own share of `M` and each row receives `M` minus its share. Blocks are sized so that a residual block
+    `(groups, G, n, C)` and the influence blocks `(groups, G or 1, C, d)` each hold at most `block_elements` values
+    (but never less than one position per row and one column); as many groups as fit are batched together.
     """
-    thr = tokens.hidden.new_zeros(tokens.hidden.size(0))
-    for block in blocks:
-        chunk = max(1, block_elements // block[0].numel())
-        influence = tokens.hidden.new_zeros(block[0].numel(), tokens.hidden.size(1))  # M on this block, (C, d)
-        for row, c in enumerate(coef):
-            if c > 0:
-                influence += tokens.row_matrix(block, row, c, chunk)
-        for row, wanted in enumerate(compute_rows):
-            if not wanted:
-                continue
-            row_influence = influence
-            if not include_self and coef[row] > 0:
-                row_influence = influence - tokens.row_matrix(block, row, coef[row], chunk)
-            for start, end in tokens.chunks(row, chunk):
-                projected = tokens.hidden[start:end] @ row_influence.T  # M h, (n, C)
-                thr[start:end] += (tokens.residual(block, start, end) * projected).sum(-1)
+    num_groups, rows, length, hidden_size = tokens.hidden.shape
+    influence_rows = 1 if include_self else 2 * rows  # each row's share, then what each row receives
+    positions = min(length, max(1, block_elements // rows))
+    width = min(tokens.vocab_width, max(1, block_elements // (rows * positions)),
+                max(1, block_elements // (influence_rows * hidden_size)))
+    groups_per_pass = max(1, min(num_groups, block_elements // (rows * positions * width),
+                                 block_elements // (influence_rows * width * hidden_size)))
+    chunks = [slice(start, start + positions) for start in range(0, length, positions)]
+
+    thr = tokens.hidden.new_zeros(num_groups, rows, length)
+    for first in range(0, num_groups, groups_per_pass):
+        part = tokens.groups(first, first + groups_per_pass)
+        groups = part.hidden.size(0)
+        # The rows of a group share one M, so a group's tokens form one matmul; to remove each row's own share,
+        # the matmuls are per row instead.
+        batch = groups if include_self else groups * rows
+        weighted = part.hidden * part.coef[:, :, None, None]  # (groups, G, L, d): the 1/|y_i| of M, 0 outside P
+        for block in _vocab_blocks(part, lm_head_weight, lm_head_bias, width):
+            influence, residuals = None, []
+            for chunk in chunks:  # pass 1: M on this block, (batch, C, d)
+                residual = part.residual(block, chunk)
+                columns = residual.size(-1)
+                share = residual.reshape(batch, -1, columns).transpose(1, 2) @ weighted[:, :, chunk].reshape(
+                    batch, -1, hidden_size)
+                influence = share if influence is None else influence.add_(share)
+                residuals.append(residual if len(chunks) == 1 else None)  # recomputed in pass 2 unless one chunk
+            if not include_self:
+                own = influence.view(groups, rows, columns, hidden_size)
+                influence = (own.sum(1, keepdim=True) - own).view(batch, columns, hidden_size)
+            for chunk, residual in zip(chunks, residuals):  # pass 2: g^T (M h) on this block
+                residual = part.residual(block, chunk) if residual is None else residual
+                projected = part.hidden[:, :, chunk].reshape(batch, -1, hidden_size) @ influence.transpose(1, 2)
+                thr[first : first + groups, :, chunk] += (residual * projected.view(residual.shape)).sum(-1)
     return thr
 
 
@@ -235,6 +341,10 @@ def compute_thr(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Token Hidden Reward of every completion token (arXiv 2510.03669, Eq. THR; `docs/theory.md`).
+
+    The groups THR applies to are laid out together on the device, `(groups, G, L)` tokens and each group's `V'`
+    padded to the largest, and processed in batches of groups. The host waits for the device a fixed number of
+    times per batch, to size those buffers, never once per group or row.
 
     Args:
         hidden_states (`torch.Tensor`, `(B, T, d)`):
@@ -268,7 +378,9 @@ def compute_thr(
         logit_softcap (`float`, *optional*):
             Final logit soft-capping (e.g. Gemma 2's `final_logit_softcapping`).
         block_elements (`int`, defaults to `2**24`):
-            Largest number of (token x vocabulary) values materialised at once.
+            Largest block the kernel holds at once, in values: residuals `(tokens x vocabulary columns)` and the
+            influence `M` `(groups x vocabulary columns x d)` are processed in blocks of at most this size, as many
+            groups at once as fit (never less than one position per row and one column).
 
     Returns:
         `torch.Tensor` of shape `(B, T)`: THR per token, float32 (float64 when `hidden_states` is float64). It is
@@ -302,41 +414,24 @@ def compute_thr(
 
     dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
     logit_kwargs = {"temperature": temperature, "logit_scale": logit_scale, "logit_softcap": logit_softcap}
-    mask = completion_mask.bool()
-    lengths = mask.sum(dim=1)
-    positive = positive_rows(advantages, completion_mask, positive_mask)
-    active = active_groups(advantages, completion_mask, num_generations, positive_mask)
     thr = torch.zeros(batch_size, length, dtype=dtype, device=hidden_states.device)
+    active = active_groups(advantages, completion_mask, num_generations, positive_mask)
+    group_index = torch.nonzero(active).flatten()  # a host sync, once per batch: how many groups to lay out
+    if group_index.numel() == 0:
+        return thr
+    num_groups = group_index.numel()
+    rows = (group_index[:, None] * num_generations + torch.arange(num_generations, device=group_index.device))
+    rows = rows.flatten()  # (A*G,), the rows of the active groups in order
 
-    for group in torch.nonzero(active).flatten().tolist():
-        rows = slice(group * num_generations, (group + 1) * num_generations)
-        group_mask = mask[rows]
-        hidden = hidden_states[rows][group_mask].to(dtype)  # (N, d), row-major
-        targets = completion_ids[rows][group_mask]  # (N,)
-        logprobs = None if token_logprobs is None else token_logprobs[rows][group_mask]
-        lse = _log_normaliser(
-            hidden, targets, lm_head_weight, lm_head_bias, logprobs, logit_kwargs, block_elements
-        )
-
-        group_lengths = lengths[rows].tolist()
-        ends = torch.tensor(group_lengths).cumsum(0).tolist()
-        row_bounds = [(end - n, end) for end, n in zip(ends, group_lengths)]
-        group_positive = positive[rows].tolist()
-        coef = [1.0 / n if is_pos else 0.0 for n, is_pos in zip(group_lengths, group_positive)]
-        signs = advantages[rows].sign()
-        compute_rows = [bool(s != 0) and n > 0 for s, n in zip(signs.tolist(), group_lengths)]
-
-        if vocab == "sampled":
-            vocab_ids = torch.unique(targets)  # sorted
-            vocab_block_rows = vocab_ids.numel()
-        else:
-            vocab_ids = torch.arange(lm_head_weight.size(0), device=targets.device)
-            vocab_block_rows = max(1, block_elements // max(1, max(group_lengths)))
-        tokens = _GroupTokens(hidden, targets, lse, row_bounds, logit_kwargs)
-        blocks = _vocab_blocks(vocab_ids, lm_head_weight, lm_head_bias, vocab_block_rows, dtype)
-        values = _group_thr(tokens, coef, compute_rows, blocks, include_self, block_elements)
-        token_signs = signs.to(dtype).repeat_interleave(lengths[rows])
-        thr[rows][group_mask] = token_signs * values
+    mask = completion_mask.bool()
+    lengths = mask[rows].sum(dim=1)
+    positive = positive_rows(advantages, completion_mask, positive_mask)[rows]
+    coef = torch.where(positive, 1.0 / lengths.clamp(min=1).to(dtype), 0.0).view(num_groups, num_generations)
+    tokens = _gather_groups(hidden_states, completion_ids, mask, lm_head_weight, lm_head_bias, token_logprobs, coef,
+                            rows, vocab, logit_kwargs, block_elements, dtype)
+    values = _group_thr(tokens, lm_head_weight, lm_head_bias, include_self, block_elements)  # (A, G, L)
+    signs = advantages[rows].sign().to(dtype).view(num_groups, num_generations, 1)
+    thr[rows, : values.size(-1)] = (signs * values).flatten(0, 1)
     return thr
 
 

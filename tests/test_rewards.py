@@ -170,24 +170,26 @@ def test_trl_rewards_by_name_are_trls_own():
     assert overlong(completions=["a", "b"], completion_ids=[[1] * 1024, [1] * 1281]) == [0.0, -1.0]
 
 
-GOLDS = ["42", "\\frac{1}{2}", "2\\sqrt{2}", "x^2+1", "\\dfrac{3}{4}", "(1,2)", "A", "\\boxed{7}", "$5$"]
+GOLDS = ["42", "\\frac{1}{2}", "2\\sqrt{2}", "x^2+1", "\\dfrac{3}{4}", "(1,2)", "A", "\\$18.90", "\\boxed{7}", "$5$"]
 
 
 def test_trl_accuracy_reads_our_columns_like_our_accuracy():
     """Our loaders keep only the final answer in `solution`, and raw-text templates give string completions."""
     from trl.rewards import accuracy_reward
 
-    answers = [g.replace("\\boxed{7}", "7").strip("$") for g in GOLDS]
+    answers = [g.replace("\\boxed{7}", "7").replace("\\$", "").strip("$") for g in GOLDS]
     right = [f"so \\boxed{{{a}}}" for a in answers]
     wrong = ["so \\boxed{13}"] * len(GOLDS)
     (trl_accuracy,) = load_reward_funcs(["accuracy_reward"])
     as_text = trl_accuracy(completions=right + wrong, solution=GOLDS * 2)
     as_messages = trl_accuracy(completions=[[{"role": "assistant", "content": c}] for c in right + wrong],
                                solution=GOLDS * 2)
-    assert as_text == as_messages == accuracy(right + wrong, solution=GOLDS * 2) == [1.0] * 9 + [0.0] * 9
+    expected = [1.0] * len(GOLDS) + [0.0] * len(GOLDS)
+    assert as_text == as_messages == accuracy(right + wrong, solution=GOLDS * 2) == expected
     # TRL's function on the same columns as they are: LaTeX gold answers without $ or \boxed are skipped or wrong.
     raw = accuracy_reward([[{"content": c}] for c in right], solution=GOLDS)
-    assert raw[GOLDS.index("x^2+1")] is None and raw[GOLDS.index("2\\sqrt{2}")] == 0.0
+    assert raw[GOLDS.index("x^2+1")] is None and raw[GOLDS.index("\\$18.90")] is None
+    assert raw[GOLDS.index("2\\sqrt{2}")] == 0.0
 
 
 def test_trl_format_and_reasoning_rewards_take_text_completions():

@@ -22,8 +22,8 @@ TRL's math rewards are written for TRL's datasets: they read `completion[0]["con
 only) and parse `solution` as a worked solution whose answer is marked by `\\boxed{}` or `$...$`. trl-thr's loaders
 keep only the final answer in `solution` (`42`, `2\\sqrt{2}`), and its raw-text templates (`r1`) give string
 completions. By registry name, TRL's rewards therefore receive string completions as one assistant message and a
-gold answer without `\\boxed{}` or an unescaped `$` as `\\boxed{<answer>}` (without that, math-verify cannot find `2\\sqrt{2}`
-or `x^2+1` in the gold and the problem is skipped or graded wrong). Imported by dotted path
+gold answer without `\\boxed{}` or an unescaped `$` as `\\boxed{<answer>}` (without that, math-verify cannot
+find `2\\sqrt{2}` or `x^2+1` in the gold and the problem is skipped or graded wrong). Imported by dotted path
 (`trl.rewards.accuracy_reward`), they get the columns unchanged, exactly as under `trl grpo`.
 
 What happens when a reward misbehaves:

@@ -155,3 +155,14 @@ def test_trainer_refuses_fsdp1(tiny_model_path, tmp_path):
     args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, **CPU)
     with patch.object(compat, "uses_fsdp1", lambda accelerator: True), pytest.raises(ValueError, match="FSDP2"):
         THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+
+
+def test_completions_table_reads_extra_columns_and_trackers_as_mirrored():
+    # `log_completion_columns` appends to `_logs["extra"]` the way TRL flushes `log_extra` columns, and
+    # `completion_trackers` picks the trackers TRL's `log()` sends the table to.
+    generate = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert 'self._logs["extra"][column].extend(gather_object(values))' in generate
+    log = inspect.getsource(GRPOTrainer.log)
+    assert '**self._logs["extra"]' in log
+    assert '"wandb" in self.args.report_to and wandb.run is not None' in log
+    assert '"trackio" in self.args.report_to' in log

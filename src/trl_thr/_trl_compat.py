@@ -39,10 +39,12 @@ __all__ = [
     "BackboneCapture",
     "backbone",
     "check_supported_trl",
+    "completion_trackers",
     "disable_gradient_checkpointing",
     "forward_kwargs",
     "full_lm_head",
     "lm_head_compute_dtype",
+    "log_completion_columns",
     "lm_head_sharding",
     "logit_transform_from_config",
     "token_level_ratio",
@@ -212,6 +214,36 @@ def token_level_ratio(trainer: GRPOTrainer, on_logps):
     finally:
         del trainer._get_per_token_logps_and_entropies
         trainer.importance_sampling_level = level
+
+
+def completion_trackers(trainer: GRPOTrainer) -> list:
+    """The tracker modules `GRPOTrainer.log` sends the completions table to (wandb with an active run, trackio).
+
+    Mirrors trl 1.16's `log()`, which imports them into `trl.trainer.grpo_trainer` when they are installed.
+    """
+    from trl.trainer import grpo_trainer
+
+    report_to = trainer.args.report_to or []
+    trackers = []
+    wandb = getattr(grpo_trainer, "wandb", None)
+    if "wandb" in report_to and wandb is not None and wandb.run is not None:
+        trackers.append(wandb)
+    trackio = getattr(grpo_trainer, "trackio", None)
+    if "trackio" in report_to and trackio is not None:
+        trackers.append(trackio)
+    return trackers
+
+
+def log_completion_columns(trainer: GRPOTrainer, columns: dict[str, list]) -> None:
+    """Add per-completion columns (this process's rows) to TRL's completions table for the running batch.
+
+    Mirrors how trl 1.16 flushes `log_extra` columns: every process gathers, in process order, into
+    `trainer._logs["extra"]`, whose rows follow `trainer._logs["prompt"]`. A collective: every process calls it.
+    """
+    from accelerate.utils import gather_object
+
+    for name in sorted(columns):
+        trainer._logs["extra"][name].extend(gather_object(columns[name]))
 
 
 def grpo_forward_parameters() -> set[str]:

@@ -1,4 +1,5 @@
 import math
+import os
 import textwrap
 import time
 
@@ -7,6 +8,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from . import _trl_compat as compat
+from .completion_logs import completion_columns, group_heatmap_html
 from .gspo_token import sequence_token_old_logps
 from .thr import active_groups, active_tokens, compute_thr, group_thresholds, scheduled_p, thr_weights
 from .thr_grpo_config import THRGRPOConfig
@@ -111,6 +113,8 @@ class THRGRPOTrainer(GRPOTrainer):
         # The gathered rewards of the running generation batch, for `thr_positive_reward_threshold`: TRL's batch dict
         # carries advantages, not rewards.
         self._rewards_per_func: torch.Tensor | None = None
+        # With `log_completions`: one group's THR heatmap `(step, html)`, sent at the next `log()`.
+        self._thr_heatmap: tuple[int, str] | None = None
         # Armed only while TRL runs its own old-policy forward inside `_generate_and_score_completions`, so that THR
         # reads that forward's hidden states instead of running another one.
         self._old_policy_capture: compat.BackboneCapture | None = None
@@ -302,7 +306,53 @@ class THRGRPOTrainer(GRPOTrainer):
                                             positive_mask=positive, gather_values=self._gather_across_processes)
         self._log_thr_metrics(mode, thr, weights, taus, advantages, mask, num_generations, positive, p,
                               self._seconds_since(start), forward_seconds)
+        if self.log_completions:
+            self._log_thr_completions(batch, thr, weights, taus, mask, num_generations, positive)
         return weights
+
+    def _log_thr_completions(self, batch, thr, weights, taus, mask, num_generations, positive) -> None:
+        """THR columns in TRL's completions table, and this process's first THR group as a heatmap."""
+        counted = active_tokens(batch["advantages"], mask, num_generations, positive)
+        dominant = counted & (thr.abs() > taus.repeat_interleave(num_generations).unsqueeze(1))
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+
+        def decode(token_id: int) -> str:
+            return tokenizer.decode([token_id])
+
+        ids = batch["completion_ids"]
+        compat.log_completion_columns(self, completion_columns(thr, weights, dominant, ids, mask, decode))
+        active = active_groups(batch["advantages"], mask, num_generations, positive)
+        if not self.accelerator.is_main_process or not active.any():
+            return
+        group = int(active.nonzero()[0])
+        rows = range(group * num_generations, (group + 1) * num_generations)
+        row_masks = [mask[row].bool() for row in rows]
+        self._thr_heatmap = (
+            self.state.global_step,
+            group_heatmap_html(
+                [[decode(t) for t in ids[row][row_mask].tolist()] for row, row_mask in zip(rows, row_masks)],
+                [thr[row][row_mask].float().tolist() for row, row_mask in zip(rows, row_masks)],
+                batch["advantages"][group * num_generations : (group + 1) * num_generations].tolist(),
+                title=f"THR of one group at step {self.state.global_step}",
+            ),
+        )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        heatmap, self._thr_heatmap = self._thr_heatmap, None
+        if heatmap is None or not self.accelerator.is_main_process:
+            return
+        step, page = heatmap
+        trackers = [tracker for tracker in compat.completion_trackers(self) if hasattr(tracker, "Html")]
+        for tracker in trackers:
+            tracker.log({"thr/heatmap": tracker.Html(page)})
+        if not trackers:
+            directory = os.path.join(self.args.output_dir, "thr_heatmaps")
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, f"step_{step:05d}.html")
+            with open(path + ".tmp", "w", encoding="utf-8") as file:
+                file.write(page)
+            os.replace(path + ".tmp", path)  # a kill mid-write leaves no half page
 
     def _raise_if_any_process_failed(self, error: Exception | None) -> None:
         failed = torch.tensor([0.0 if error is None else 1.0], device=self.accelerator.device)

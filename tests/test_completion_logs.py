@@ -1,0 +1,100 @@
+"""THR in TRL's completions table (`log_completions=True`) and the per-group heatmap."""
+
+import math
+from pathlib import Path
+from unittest.mock import patch
+
+import pandas as pd
+import pytest
+import torch
+from tiny import length_reward, tiny_dataset
+
+from trl_thr import THRGRPOConfig, THRGRPOTrainer
+from trl_thr.completion_logs import COLUMNS, completion_columns, group_heatmap_html
+
+CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no")
+
+
+def test_completion_columns_by_hand():
+    thr = torch.tensor([[0.5, -0.2, 0.1, 0.0], [-0.3, 0.0, 0.0, 0.0]])
+    weights = torch.tensor([[1.1, 0.9, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    dominant = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    columns = completion_columns(thr, weights, dominant, ids, mask, decode=lambda i: f"t{i}", top_k=2)
+    assert columns["thr_dominant_frac"] == pytest.approx([2 / 3, 0.0])
+    assert columns["thr_mean_weight"] == pytest.approx([2.0 / 3, 0.0])
+    assert columns["thr_top_positive"] == ["'t1' +0.5, 't3' +0.1", ""]
+    assert columns["thr_top_negative"] == ["'t2' -0.2", "'t5' -0.3"]
+    empty = completion_columns(thr[:1], weights[:1], dominant[:1], ids[:1], torch.zeros(1, 4), decode=str)
+    assert math.isnan(empty["thr_dominant_frac"][0]) and empty["thr_top_positive"] == [""]
+
+
+def test_heatmap_escapes_tokens_and_colours_by_sign():
+    page = group_heatmap_html([["<b>", "x"]], [[0.4, -0.2]], [1.0], title="step 3")
+    assert "&lt;b&gt;" in page and "<b><" not in page
+    assert "rgba(22, 163, 74, 1.00)" in page  # the largest positive token at full strength
+    assert "rgba(220, 38, 38, 0.50)" in page  # a negative token at half of the largest |THR|
+
+
+def train_with_completions(model_path, output_dir, **overrides):
+    args = THRGRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=6, max_steps=1, logging_steps=1, seed=0, log_completions=True,
+                         report_to="none", thr_threshold="none", **CPU, **overrides)
+    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+    recorded = {}
+    original = trainer._compute_thr_weights
+
+    def record(batch, *rest):
+        weights = original(batch, *rest)
+        recorded.update(weights=weights, mask=batch["completion_mask"])
+        return weights
+
+    trainer._compute_thr_weights = record
+    return trainer, recorded
+
+
+def test_completions_table_carries_thr(tiny_model_path, tmp_path):
+    trainer, recorded = train_with_completions(tiny_model_path, tmp_path)
+    trainer.train()
+    table = pd.read_parquet(next((tmp_path / "completions").glob("*.parquet")))
+    assert set(COLUMNS) <= set(table.columns)
+    mask = recorded["mask"].bool()
+    expected = (recorded["weights"] * mask).sum(1) / mask.sum(1)
+    assert table["thr_mean_weight"].tolist() == pytest.approx(expected.tolist())
+    # threshold "none": every counted token of an active group is dominant
+    assert set(table["thr_dominant_frac"].round(6)) <= {0.0, 1.0}
+    heatmaps = list((tmp_path / "thr_heatmaps").glob("step_*.html"))
+    assert len(heatmaps) == 1 and "THR of one group" in heatmaps[0].read_text()
+
+
+class FakeTracker:
+    """Stands in for wandb: an active run, Table and Html."""
+
+    def __init__(self):
+        self.run = object()
+        self.logged = []
+
+    class Table:
+        def __init__(self, dataframe):
+            self.dataframe = dataframe
+
+    class Html:
+        def __init__(self, page):
+            self.page = page
+
+    def log(self, entry):
+        self.logged.append(entry)
+
+
+def test_heatmap_goes_to_a_tracker_that_renders_html(tiny_model_path, tmp_path):
+    tracker = FakeTracker()
+    trainer, _ = train_with_completions(tiny_model_path, tmp_path)
+    trainer.args.report_to = ["wandb"]  # after construction: no real wandb callback is set up
+    with patch("trl.trainer.grpo_trainer.wandb", tracker, create=True):
+        trainer.train()
+    tables = [entry["completions"] for entry in tracker.logged if "completions" in entry]
+    pages = [entry["thr/heatmap"] for entry in tracker.logged if "thr/heatmap" in entry]
+    assert tables and set(COLUMNS) <= set(tables[0].dataframe.columns)
+    assert len(pages) == 1 and "<span" in pages[0].page
+    assert not Path(tmp_path, "thr_heatmaps").exists()

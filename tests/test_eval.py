@@ -11,9 +11,10 @@ from unittest.mock import patch
 import pytest
 
 from trl_thr import pass_at_k
-from trl_thr.cli.errors import UsageError
-from trl_thr.cli.evaluation import check_ks, score
 from trl_thr.cli import evaluate as eval_script
+from trl_thr.cli import main as cli_main
+from trl_thr.cli.errors import UsageError
+from trl_thr.cli.evaluation import FileHashes, GenerationCache, check_ks, model_fingerprint, score
 
 
 def brute_force_pass_at_k(n, c, k):
@@ -160,6 +161,96 @@ def test_resume_after_interruption(tiny_model_path, benchmark_file, tmp_path):
     assert resumed["metrics"] == full["metrics"]
 
 
+def test_interrupted_eval_says_what_it_kept(tiny_model_path, benchmark_file, tmp_path, capsys):
+    seeds = []
+    with patch.object(eval_script, "make_generate", recording(eval_script.make_generate, seeds, stop_after=2)):
+        code = cli_main(["eval", *eval_args(tiny_model_path, benchmark_file, tmp_path)])
+    assert code == 130
+    (cache,) = (tmp_path / "cache").glob("*.jsonl")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"trl-thr eval: interrupted: the generations of 2 finished problems are kept in {cache}; rerun "
+                    "the same command to resume from them.")
+
+
+def copy_model(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return str(target)
+
+
+def retrain_in_place(model_dir, seed):
+    """Save other weights into the same directory, as a new checkpoint written over the old one would."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model.save_pretrained(model_dir)
+
+
+def test_cache_follows_the_weights_not_the_path(tiny_model_path, benchmark_file, tmp_path, capsys):
+    model = copy_model(tiny_model_path, tmp_path / "model")
+    first = eval_script.main(eval_args(model, benchmark_file, tmp_path / "out"))[0]
+    assert "Reusing" not in capsys.readouterr().out
+    again = eval_script.main(eval_args(model, benchmark_file, tmp_path / "out"))[0]
+    assert "Reusing cached generations for 5 of 5 problems" in capsys.readouterr().out
+    assert again["problems"] == first["problems"]
+
+    retrain_in_place(model, seed=1)
+    changed = eval_script.main(eval_args(model, benchmark_file, tmp_path / "out"))[0]
+    assert "Reusing" not in capsys.readouterr().out
+    fresh = eval_script.main(eval_args(model, benchmark_file, tmp_path / "fresh"))[0]
+    assert [p["samples"] for p in changed["problems"]] == [p["samples"] for p in fresh["problems"]]
+    assert [p["samples"] for p in changed["problems"]] != [p["samples"] for p in first["problems"]]
+    weights = changed["config"]["weights"]["model.safetensors"]
+    assert weights["sha256"] != first["config"]["weights"]["model.safetensors"]["sha256"]
+    assert weights["bytes"] == (tmp_path / "model" / "model.safetensors").stat().st_size
+
+
+def test_dtype_and_settings_are_keyed_and_recorded(tiny_model_path, benchmark_file, tmp_path):
+    auto = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path))[0]
+    float32 = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path, "--dtype", "float32"))[0]
+    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 2  # float32 did not reuse auto's samples
+    config = float32["config"]
+    assert (auto["config"]["dtype"], config["dtype"]) == ("auto", "float32")
+    assert {"backend", "template", "temperature", "top_p", "seed", "max_new_tokens", "n", "batch_size",
+            "problems_digest", "weights", "adapter_weights"} <= set(config)
+    assert config["weights"]["config.json"]["sha256"] and config["adapter_weights"] is None
+
+
+def test_file_hashes_are_memoised_per_size_and_mtime(tiny_model_path, tmp_path):
+    import os
+
+    model = copy_model(tiny_model_path, tmp_path / "model")
+    first = FileHashes(tmp_path / "hashes.json")
+    fingerprint = model_fingerprint(model, first)
+    assert first.hashed == len(fingerprint) and "model.safetensors" in fingerprint
+    memoised = FileHashes(tmp_path / "hashes.json")
+    assert model_fingerprint(model, memoised) == fingerprint and memoised.hashed == 0
+    weights = tmp_path / "model" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    touched = FileHashes(tmp_path / "hashes.json")
+    assert model_fingerprint(model, touched) == fingerprint and touched.hashed == 1  # same content, read again
+
+
+def test_a_truncated_last_cache_line_is_repaired(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    whole = json.dumps({"index": 0, "samples": ["a"]}) + "\n"
+    path.write_text(whole + json.dumps({"index": 1, "samples": ["b"]})[:12])  # killed mid-write
+    cache = GenerationCache(path)
+    assert sorted(cache.done) == [0]
+    cache.add({"index": 1, "samples": ["b2"]})
+    reopened = GenerationCache(path)
+    assert sorted(reopened.done) == [0, 1] and reopened.done[1]["samples"] == ["b2"]
+    assert path.read_text() == whole + json.dumps({"index": 1, "samples": ["b2"]}) + "\n"
+    assert cache.repaired and not reopened.repaired
+
+
 def test_compare_runs(tmp_path):
     def fake(name, values):
         return {"config": {"run_name": name, "benchmark": "aime24"},
@@ -176,6 +267,29 @@ def test_compare_runs(tmp_path):
     table = (tmp_path / "out" / "compare.md").read_text()
     assert "| metric | grpo | thr-neg |" in table and "| pass@64 (%) | 70.0 | 77.0 |" in table
     assert (tmp_path / "out" / "compare.png").stat().st_size > 5_000
+
+
+def test_compare_warns_about_different_settings_and_names_runs_uniquely(tmp_path, capsys):
+    def fake(temperature, digest):
+        return {"config": {"run_name": "grpo", "benchmark": "aime24", "n": 8, "temperature": temperature,
+                           "problems_digest": digest},
+                "metrics": {"problems": 30, "ungradable": 0, "pass@1": temperature / 2}}
+
+    paths = []
+    for folder, temperature, digest in (("a", 1.0, "d1"), ("b", 0.6, "d2")):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "grpo.json"
+        path.write_text(json.dumps(fake(temperature, digest)))
+        paths.append(str(path))
+    eval_script.main(["--compare", *paths, paths[0], "--output_dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    labels = [f"grpo ({paths[0]}) #1", f"grpo ({paths[1]})", f"grpo ({paths[0]}) #2"]
+    assert "| metric | " + " | ".join(labels) + " |" in captured.out
+    assert "Warning: these runs differ in problems_digest, temperature" in captured.err
+    assert "| temperature | 1.0 | 0.6 | 1.0 |" in captured.err
+    assert "| problem set (digest) | d1 | d2 | d1 |" in captured.err
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "| temperature | 1.0 | 0.6 | 1.0 |" in table and "| n |" not in table
 
 
 class FakeVLLM:
@@ -221,8 +335,11 @@ def test_eval_usage_errors(argv, message, tiny_model_path, benchmark_file, tmp_p
 
 
 def test_eval_unknown_model_path(benchmark_file, tmp_path):
-    with pytest.raises(UsageError, match="no-such-model"):
-        eval_script.main(eval_args(str(tmp_path / "no-such-model"), benchmark_file, tmp_path))
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(UsageError, match=f"^model {missing}: not found \\(no such directory\\)"):
+        eval_script.main(eval_args(str(missing), benchmark_file, tmp_path))
+    with pytest.raises(UsageError, match="model outputs/no-such-run: not found .*HF_HUB_OFFLINE=1"):
+        eval_script.main(eval_args("outputs/no-such-run", benchmark_file, tmp_path))
 
 
 def test_eval_needs_a_model_or_results():

@@ -10,7 +10,9 @@ them, and `--help` listing every field.
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from trl_thr.cli.errors import UsageError
 
@@ -19,22 +21,77 @@ COMMANDS = {
     "eval": ("trl_thr.cli.evaluate", "Greedy accuracy and unbiased Pass@K of a model on a math benchmark."),
     "analyze": ("trl_thr.cli.analyze", "Sample groups, compute THR per token, and write a report."),
 }
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, flush it to disk, then rename it over `path`: whoever
+    reads `path`, even after a kill at any moment, finds the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with partial.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def split_config_flag(argv: list[str]) -> list[str]:
+    """`argv` with `--config=file.yaml` written as `--config file.yaml`, the form `TrlParser` reads."""
+    split = []
+    for arg in argv:
+        split += ["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg]
+    return split
+
+
+def check_config_file(argv: list[str]) -> None:
+    """A `--config` in `argv` names an existing file holding a YAML mapping; else a `UsageError` naming the problem
+    (line and column for a YAML syntax error)."""
+    import yaml
+
+    if "--config" not in argv:
+        return
+    index = argv.index("--config")
+    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+        raise UsageError("--config needs a YAML file.")
+    path = argv[index + 1]
+    if not Path(path).is_file():
+        raise UsageError(f"config file {path} does not exist.")
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(f"config file {path} is not valid YAML{where}: {problem}.") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(f"config file {path} is not a text file ({error.reason}).") from error
+    if not isinstance(config, dict):
+        raise UsageError(f"config file {path} must hold a YAML mapping of field: value, got {type(config).__name__}.")
 
 
 def parse_arguments(dataclass_types: tuple, argv: list[str], command: str) -> tuple:
     """Parse `argv` (with an optional `--config` YAML) into `dataclass_types` with TRL's parser.
 
-    A key or flag no dataclass knows, or a value a config rejects in `__post_init__`, is a `UsageError` that names
-    it, not argparse's traceback or a silent pass-through.
+    A key or flag no dataclass knows, a file that is not YAML, or a value a config rejects in `__post_init__`, is a
+    `UsageError` that names it, not argparse's traceback or a silent pass-through.
     """
     from trl import TrlParser
 
+    argv = split_config_flag(argv)
+    check_config_file(argv)
+    parser = TrlParser(dataclass_types, prog=f"trl-thr {command}")
+    # TrlParser reads --config itself before argparse sees the arguments; declared here so that --help lists it.
+    parser.add_argument("--config", metavar="YAML", help="YAML file of field: value; flags given after override it.")
     try:
-        *parsed, from_config, from_cli = TrlParser(dataclass_types, prog=f"trl-thr {command}").parse_args_and_config(
+        *parsed, from_config, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
+    # The declared --config comes back as an extra namespace after the dataclasses (HfArgumentParser's leftovers).
+    parsed = [p for p in parsed if not isinstance(p, argparse.Namespace)]
     see = f"See `trl-thr {command} --help` for the accepted fields."
     if from_config:
         config = argv[argv.index("--config") + 1]
@@ -46,14 +103,35 @@ def parse_arguments(dataclass_types: tuple, argv: list[str], command: str) -> tu
     return tuple(parsed)
 
 
+def interrupted_message(module, argv: list[str]) -> str:
+    """What an interrupted subcommand kept and how to go on: the module's `interrupted_message(argv)` if it has one.
+
+    A subcommand that keeps partial results (eval's generation cache, train's checkpoints) says where they are; one
+    that writes everything at the end (analyze) needs no function of its own.
+    """
+    describe = getattr(module, "interrupted_message", None)
+    if describe is not None:
+        try:
+            return describe(argv)
+        except Exception:  # noqa: BLE001 - the arguments may be what was wrong; the interruption is the news
+            pass
+    return "nothing was written (the results are saved at the end); rerun the same command to start again."
+
+
 def run(command: str, argv: list[str] | None = None) -> int:
-    """Run a subcommand; a `UsageError` becomes one line on stderr and exit status 2."""
-    module = importlib.import_module(COMMANDS[command][0])
+    """Run a subcommand: a `UsageError` becomes one line on stderr and exit status 2, Ctrl-C one line saying what
+    was kept and exit status 130."""
+    argv = sys.argv[1:] if argv is None else argv
+    module = None
     try:
-        module.main(sys.argv[1:] if argv is None else argv)
+        module = importlib.import_module(COMMANDS[command][0])  # inside: importing TRL takes seconds
+        module.main(argv)
     except UsageError as error:
         print(f"trl-thr {command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ntrl-thr {command}: interrupted: {interrupted_message(module, argv)}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     return 0
 
 

@@ -4,9 +4,11 @@
     trl-thr eval --model_name_or_path Qwen/Qwen2.5-Math-1.5B --adapter_name_or_path outputs/lora --benchmark math-500
     trl-thr eval --compare results/grpo.json results/thr-pos.json results/thr-neg.json --output_dir results
 
-Writes `<output_dir>/<run_name>.json` (per-problem samples, answers, correctness, metrics), `.md` (a table) and
-`.png` (the Pass@K curve). Generations are cached per (model, benchmark, settings) under `<output_dir>/cache`, so an
-interrupted run resumes instead of starting over.
+Writes `<output_dir>/<run_name>.json` (per-problem samples, answers, correctness, metrics, and every setting that
+determines the generations), `.md` (a table) and `.png` (the Pass@K curve). Generations are cached under
+`<output_dir>/cache`, keyed on the content of the weights (and adapter) files, dtype, backend, template, sampling
+settings, seed, max tokens and problem set, so an interrupted run resumes instead of starting over and a changed
+checkpoint is never served old samples.
 """
 
 import json
@@ -93,28 +95,56 @@ def make_generate(args, backend, model_path):
     return generate, tokenizer
 
 
+def fingerprint(model_path: str, adapter: str | None, hashes) -> tuple[dict, dict | None]:
+    """Fingerprints of the model's and the adapter's files (see `model_fingerprint`); a hub id is looked up in
+    the hub cache, where loading it has just put it."""
+    from trl_thr.cli.evaluation import model_fingerprint
+    from trl_thr.cli.models import local_snapshot
+
+    directory = model_path if Path(model_path).is_dir() else local_snapshot(model_path)
+    if directory is None:
+        raise UsageError(f"model {model_path}: cannot find its files to fingerprint for the generation cache.")
+    weights = model_fingerprint(directory, hashes)
+    return weights, (model_fingerprint(adapter, hashes) if adapter is not None else None)
+
+
 def evaluate(args) -> dict:
     """Generate (resuming from the cache), grade and score; returns the result dict."""
-    from trl_thr.cli.evaluation import EvalSettings, GenerationCache, check_ks, problems_digest, run_generation, score
+    from trl_thr.cli.evaluation import (EvalSettings, FileHashes, GenerationCache, check_ks, problems_digest,
+                                        run_generation, score)
     from trl_thr.cli.generation import choose_backend, render_prompt
     from trl_thr.cli.models import resolve_model
 
+    cache_dir = Path(args.output_dir) / "cache"
     try:
         ks = check_ks(args.k_values, args.n_samples)
         dataset, template = load_problems(args.benchmark, args, seed=args.seed, data_files=args.benchmark_data_files,
                                           max_samples=args.max_problems, max_samples_field="max_problems")
         backend = choose_backend(args.backend)
-        generate, tokenizer = make_generate(args, backend, resolve_model(args.model_name_or_path))
-    except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError: a model path or id not found
+        model_path = resolve_model(args.model_name_or_path)
+        if args.adapter_name_or_path is not None and not Path(args.adapter_name_or_path).is_dir():
+            raise ValueError(f"adapter_name_or_path={args.adapter_name_or_path}: not found (no such directory).")
+        generate, tokenizer = make_generate(args, backend, model_path)
+        hashes = FileHashes(cache_dir / "file_hashes.json")
+        weights, adapter_weights = fingerprint(model_path, args.adapter_name_or_path, hashes)
+    except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError: unreadable model files
         raise UsageError(str(error)) from error
 
     questions, golds = list(dataset["question"]), list(dataset["solution"])
     settings = EvalSettings(model=args.model_name_or_path, adapter=args.adapter_name_or_path,
                             benchmark=args.benchmark, template=template.describe(), n=args.n_samples,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, backend=backend, greedy=args.greedy,
-                            problems_digest=problems_digest(questions, golds))
-    cache = GenerationCache(Path(args.output_dir) / "cache" / f"{settings.key()}.jsonl")
+                            seed=args.seed, backend=backend, dtype=args.dtype,
+                            batch_size=args.batch_size if backend == "transformers" else None, greedy=args.greedy,
+                            problems_digest=problems_digest(questions, golds), weights=weights,
+                            adapter_weights=adapter_weights)
+    cache = GenerationCache(cache_dir / f"{settings.key()}.jsonl")
+    reused = sum(index < len(questions) for index in cache.done)
+    if reused:
+        print(f"Reusing cached generations for {reused} of {len(questions)} problems from {cache.path} (same weights "
+              "files, dtype, backend, template, sampling settings, seed and problems).")
+    if cache.repaired:
+        print(f"{cache.path}: dropped a last record cut short by an interruption; that problem is generated again.")
     prompts = [render_prompt(tokenizer, prompt) for prompt in dataset["prompt"]]
     records = run_generation(questions, prompts, generate, settings, cache, greedy=args.greedy)
     result = score(questions, golds, records, ks, args.lenient)
@@ -132,40 +162,66 @@ def run_name(args) -> str:
     return f"{model}-{Path(args.benchmark).stem}".replace(":", "-")
 
 
-def write_outputs(results: list[dict], output_dir: Path, name: str) -> dict[str, Path]:
-    from trl_thr.cli.evaluation import markdown_table, plot_pass_at_k
+def write_outputs(results: list[dict], output_dir: Path, name: str, labels: list[str],
+                  differences: dict[str, list[str]]) -> dict[str, Path]:
+    """The table (with the settings that differ between runs, if any) and the Pass@K plot."""
+    from trl_thr.cli.evaluation import differences_table, markdown_table, plot_pass_at_k
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"table": output_dir / f"{name}.md", "plot": output_dir / f"{name}.png"}
-    paths["table"].write_text(markdown_table(results) + "\n")
-    plot_pass_at_k(results, paths["plot"])
+    text = markdown_table(results, labels) + "\n"
+    if differences:
+        text += "\n**Warning: the runs differ in settings that change the scores:**\n\n"
+        text += differences_table(differences, labels) + "\n"
+    paths["table"].write_text(text)
+    plot_pass_at_k(results, paths["plot"], labels)
     return paths
 
 
+def interrupted_message(argv: list[str]) -> str:
+    """What an interrupted `trl-thr eval` kept, for the one line the CLI prints on Ctrl-C."""
+    args = parse_args(argv)
+    cache_dir = Path(args.output_dir) / "cache"
+    caches = sorted(cache_dir.glob("*.jsonl"), key=lambda path: path.stat().st_mtime) if args.model_name_or_path \
+        else []
+    if not caches:
+        return "no generation had finished, so nothing was kept; rerun the same command to start again."
+    finished = caches[-1].read_bytes().count(b"\n")
+    return (f"the generations of {finished} finished problems are kept in {caches[-1]}; rerun the same command to "
+            "resume from them.")
+
+
 def main(argv=None):
-    from trl_thr.cli.evaluation import load_results, markdown_table
+    from trl_thr.cli.evaluation import differences_table, differing_settings, load_results, markdown_table, run_labels
+    from trl_thr.cli.evaluation import write_json_atomically
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         others = [load_results(path) for path in args.compare]
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as error:
-        raise UsageError(str(error)) from error
-    results = []
+    except (ValueError, OSError) as error:  # json.JSONDecodeError is a ValueError; OSError: missing, unreadable
+        raise UsageError(f"--compare: {error}") from error
+    results, sources = [], []
     if args.model_name_or_path is not None:
         if args.benchmark is None:
             raise UsageError("set benchmark (a preset, 'arithmetic', 'champ', or a local file).")
         result = evaluate(args)
         path = Path(args.output_dir) / f"{result['config']['run_name']}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        write_json_atomically(path, result)
         results.append(result)
+        sources.append(str(path))
         print(f"Results: {path}")
     elif not others:
         raise UsageError("set model_name_or_path and benchmark, or give result files to --compare.")
     results += others
+    sources += args.compare
+    labels = run_labels(results, sources)
     name = results[0]["config"]["run_name"] if len(results) == 1 else "compare"
-    paths = write_outputs(results, Path(args.output_dir), name)
-    print(markdown_table(results))
+    differences = differing_settings(results) if len(results) > 1 else {}
+    paths = write_outputs(results, Path(args.output_dir), name, labels, differences)
+    if differences:
+        print(f"Warning: these runs differ in {', '.join(differences)}, so their scores do not measure the same "
+              "thing:\n" + differences_table(differences, labels), file=sys.stderr)
+    print(markdown_table(results, labels))
     print(f"Table: {paths['table']}\nPlot: {paths['plot']}")
     return results
 

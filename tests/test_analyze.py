@@ -143,7 +143,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert (abs(pixels - torch.tensor(colour).numpy()).max(axis=1) <= 3).sum() > 50, colour
 
 
-def fake_grade(text, gold, lenient=False):
+def fake_grade(text, gold, lenient=False):  # patched where the accuracy reward looks it up
     """Correct when the completion's length is even: gives groups with both outcomes on a random model."""
     return len(text) % 2 == 0
 
@@ -152,7 +152,7 @@ def test_analyze_end_to_end(tiny_model_path, tmp_path):
     argv = ["--model_name_or_path", tiny_model_path, "--dataset_name", "arithmetic", "--num_samples", "12",
             "--num_prompts", "4", "--num_generations", "4", "--max_new_tokens", "12", "--prompt_template",
             "chat-boxed", "--output_dir", str(tmp_path), "--top_tokens", "5"]
-    with patch("trl_thr.cli.answers.grade", fake_grade):
+    with patch("trl_thr.cli.rewards.grade", fake_grade):
         record = analyze_script.main(argv)
     stats = record["statistics"]
     assert stats["groups"] == 4 and stats["active_groups"] >= 1

@@ -207,8 +207,10 @@ def token_style(value: float, scale: float) -> str:
     return f"background-color: rgba({red}, {green}, {blue}, {alpha:.3f})"
 
 
-def html_report(batch: GroupBatch, thr, decode, prompts: list[str], stats: dict, top: dict, title: str) -> str:
-    """A self-contained HTML page (inline CSS, no scripts, no external assets)."""
+def html_report(batch: GroupBatch, thr, decode, prompts: list[str], stats: dict, top: dict, title: str,
+                dynamics: str | None = None) -> str:
+    """A self-contained HTML page (inline CSS, no scripts, no external assets); `dynamics` is the HTML of the
+    one-step study's tables, shown after the summary."""
     mask = batch.completion_mask.bool()
     values = thr[mask].abs()
     scale = float(torch.quantile(values.float(), 0.99)) if values.numel() else 1.0
@@ -228,6 +230,7 @@ def html_report(batch: GroupBatch, thr, decode, prompts: list[str], stats: dict,
         "<span style='" + token_style(-1.0, 1.0) + "'>THR &lt; 0</span>(lowers it); opacity: |THR| relative to "
         f"the 99th percentile ({scale:.4g}). Hover a token for its value.</p>",
         "<h2>Summary</h2>", _summary_table(stats),
+        *(["<h2>One-step dynamics per arm</h2>", dynamics] if dynamics else []),
         "<h2>Largest THR</h2>", _top_table(top),
         "<h2>Completions</h2>",
     ]

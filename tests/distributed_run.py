@@ -36,6 +36,9 @@ def main(model_path, output_dir):
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save(trainer.state.log_history, Path(output_dir) / "log_history.pt")
+    # Leave the process group together once both ranks are done (see trl_thr.cli.train.end_processes).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Two CPU processes (accelerate, gloo) compute the same THR weights as one process on the same batch.
+"""Two CPU processes (accelerate, gloo) compute the same THR weights as one process on the same batch, and
+`trl-thr train --num_processes 2` exits every time.
 
 `accelerate launch --cpu` runs a single process; `--multi_gpu` on a machine without GPUs starts torchrun workers that
 use the CPU and gloo (the scripts set `use_cpu=True`)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +51,31 @@ def test_two_processes_match_one(tiny_model_path, tmp_path):
     assert 0 < kept < 1, "the batch quantile kept everything or nothing: the comparison would be trivial"
     logs = torch.load(tmp_path / "log_history.pt")
     assert "thr/kept_frac" in logs[0]
+
+
+TINY_CONFIG = str(HERE.parent / "examples" / "configs" / "tiny_cpu.yaml")
+TWO_PROCESS_RUNS = 5
+
+
+def test_two_process_training_exits_every_time(tiny_model_path, tmp_path):
+    """The launched run used to hang after saving, now and then: each of several runs must exit, with its results.
+
+    Each run is bounded by its own timeout, so a hang fails the test instead of stopping the suite.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE.parent / "src")}
+    for attempt in range(TWO_PROCESS_RUNS):
+        out = tmp_path / f"run{attempt}"
+        command = [sys.executable, "-m", "trl_thr", "train", "--config", TINY_CONFIG, "--model_name_or_path",
+                   tiny_model_path, "--output_dir", str(out), "--num_processes", "2", "--max_steps", "1",
+                   "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "8",
+                   "--plot", "false", "--seed", str(attempt)]
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        except subprocess.TimeoutExpired as error:
+            raise AssertionError(f"run {attempt + 1} of {TWO_PROCESS_RUNS} did not exit within 240 s; its last "
+                                 f"output:\n{(error.stderr or b'')[-3000:]}") from error
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((out / "trl_thr_run.json").read_text())["world_size"] == 2
+        assert json.loads((out / "thr_summary.json").read_text())["steps"] == 1
+        assert (out / "model.safetensors").exists()

@@ -7,10 +7,12 @@ The arms are plain `trl.GRPOTrainer` and `THRGRPOTrainer`, with each `thr_hidden
 when `THRGRPOConfig` has that field (else the one THR path it has). Every arm is built from the demo config
 (`trl_thr/cli/configs/demo.yaml`: model, dataset, template, rewards, batch, lengths, temperature, seed) exactly as
 `trl-thr train` builds it, and trains from the same seed on the same data. To be fair to a machine whose speed
-drifts (other jobs, thermal), the arms run in `--rounds` rounds, in reversed order every other round (A B C, C B A,
-...); each run of an arm starts a fresh trainer, drops its first `--warmup` steps, and times the next ones (an
-optimizer step's wall time, generation included). The report gives mean, median and spread per arm and the
-overhead of each THR arm over GRPO.
+drifts (other jobs, thermal), all arms are alive at once, each training in its own thread, and they take optimizer
+steps in strict rotation (GRPO, THR, THR, GRPO, THR, THR, ...): only one arm runs at a time, from the start of its
+step until it is about to start the next one, and each arm's random state is saved and restored at every turn, so
+an arm samples exactly what it would sample alone. Each arm's first `--warmup` steps are dropped; the next
+`--steps` are timed (an optimizer step's wall time, generation included). The report gives mean, median and spread
+per arm and the overhead of each THR arm over GRPO.
 
 It also times the THR kernel against one LM-head log-prob pass over the same tokens at Qwen2.5-1.5B's shape
 (d = 1536, V = 151,936; `gpu_check.kernel_vs_lm_head`) with the algorithmic bound `2 |V'| / V` next to it, and
@@ -27,10 +29,11 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import math
 import os
+import random
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -79,23 +82,118 @@ def build_arms(training: dict, model_args, output_dir: Path, max_steps: int):
     return arms, note
 
 
-def run_arm(name, trainer_cls, make_config, model_path, train_dataset, reward_funcs, warmup, device, keep_inputs):
-    """Train one fresh trainer for `warmup + timed` steps; its step times, THR metrics and THR calls."""
+class Turns:
+    """Strict rotation of optimizer steps between trainers that train in separate threads.
+
+    An arm holds the turn from the start of one step until the start of its next one (so its logging and data
+    loading never overlap another arm's timed step), then hands it to the next arm still training. The global
+    random state (torch, numpy, random) is saved when an arm hands the turn on and restored when it gets it back.
+    """
+
+    def __init__(self, names: list[str]):
+        self.order = list(names)
+        self.current = 0
+        self.finished: set[str] = set()
+        self.random_states: dict[str, tuple] = {}
+        self.condition = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.order[self.current] == name)
+        if name in self.random_states:
+            import numpy as np
+
+            torch_state, numpy_state, python_state = self.random_states.pop(name)
+            torch.set_rng_state(torch_state)
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+    def hand_on(self, name: str) -> None:
+        import numpy as np
+
+        self.random_states[name] = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        self._advance(name)
+
+    def finish(self, name: str) -> None:
+        with self.condition:
+            self.finished.add(name)
+        self._advance(name)
+
+    def _advance(self, name: str) -> None:
+        with self.condition:
+            if self.order[self.current] != name:
+                return
+            for offset in range(1, len(self.order) + 1):
+                candidate = (self.current + offset) % len(self.order)
+                if self.order[candidate] not in self.finished:
+                    self.current = candidate
+                    break
+            self.condition.notify_all()
+
+
+def turn_clock(name: str, turns: Turns, device, on_step_end):
+    """A `TrainerCallback` that waits for the arm's turn at each step start, then times the step."""
+    from transformers import TrainerCallback
+
+    class TurnClock(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._start = None
+            self._begun = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self._begun:
+                turns.hand_on(name)
+                turns.wait(name)
+            self._begun += 1
+            gpu_check.synchronize(device)
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            gpu_check.synchronize(device)
+            self.seconds.append(time.perf_counter() - self._start)
+            on_step_end()
+
+    return TurnClock()
+
+
+def train_in_turns(arms, model_path, train_dataset, reward_funcs, device, on_step_end, clocks: dict) -> dict:
+    """Build every arm's trainer, then train them all in `Turns`; per arm its log history, THR calls and error.
+
+    `clocks` receives each arm's step clock as it is built (`on_step_end` can read them while training runs).
+    """
     from transformers import PrinterCallback
 
-    clock = gpu_check.StepClock(device)
-    trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs, args=make_config(),
-                          train_dataset=train_dataset, callbacks=[clock])
-    trainer.remove_callback(PrinterCallback)
-    with gpu_check.recording_thr_calls(device, keep_first_inputs=keep_inputs) as (records, _):
+    turns = Turns([name for name, _, _ in arms])
+    state = {}
+    for name, trainer_cls, make_config in arms:
+        clock = clocks[name] = turn_clock(name, turns, device, on_step_end)
+        trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs, args=make_config(),
+                              train_dataset=train_dataset, callbacks=[clock])
+        trainer.remove_callback(PrinterCallback)
+        state[name] = {"trainer": trainer, "clock": clock, "error": None}
+
+    def work(name):
+        try:
+            turns.wait(name)
+            state[name]["trainer"].train()
+        except BaseException as error:  # noqa: BLE001  (recorded; the other arms keep their turns)
+            state[name]["error"] = gpu_check.error_record(error)
+        finally:
+            turns.finish(name)
+
+    with gpu_check.recording_thr_calls(device, keep_first_inputs=True) as (records, _):
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout carries the report
-            trainer.train()
-    result = {"step_s": clock.seconds, "timed_s": clock.seconds[warmup:],
-              "thr_metrics": gpu_check.thr_log_metrics(trainer.state.log_history),
-              "trl_step_time": [e["step_time"] for e in trainer.state.log_history if "step_time" in e]}
-    del trainer
+            threads = [threading.Thread(target=work, args=(name,), name=name) for name in state]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    for name, arm in state.items():
+        arm["log_history"] = arm.pop("trainer").state.log_history
+        arm["thr_calls"] = [r for r in records if r["thread"] == name]
     gc.collect()
-    return result, records
+    return state
 
 
 def thr_memory(records: list[dict]) -> dict:
@@ -127,33 +225,29 @@ def thr_memory(records: list[dict]) -> dict:
             "formula_bytes_first_call": formula, **measured}
 
 
-def summarise_arms(runs: dict) -> dict:
-    table = {}
-    for name, arm_runs in runs.items():
-        timed = [s for run in arm_runs for s in run["timed_s"]]
-        table[name] = gpu_check.summary(timed)
-    base = table.get("grpo", {}).get("median")
-    base_mean = table.get("grpo", {}).get("mean")
+def summarise_arms(timed: dict[str, list[float]]) -> dict:
+    """`gpu_check.summary` of each arm's timed steps, with the overhead of each THR arm over GRPO in %."""
+    table = {name: gpu_check.summary(seconds) for name, seconds in timed.items()}
+    base = table.get("grpo", {})
     for name, row in table.items():
-        if name != "grpo" and base and row["median"]:
-            row["overhead_median_pct"] = 100 * (row["median"] / base - 1)
-            row["overhead_mean_pct"] = 100 * (row["mean"] / base_mean - 1)
+        if name != "grpo" and base.get("median") and row["median"]:
+            row["overhead_median_pct"] = 100 * (row["median"] / base["median"] - 1)
+            row["overhead_mean_pct"] = 100 * (row["mean"] / base["mean"] - 1)
     return table
 
 
-def thr_seconds(arm_runs: list[dict]) -> dict:
-    """Medians of the trainer's own `thr/seconds` (kernel) and `thr/forward_seconds` (hidden states) metrics."""
+def thr_seconds(metrics: dict) -> dict:
+    """Medians of the trainer's own `thr/seconds` (kernel) and `thr/forward_seconds` (hidden states) metrics, and
+    whatever it logs about the hidden-state source."""
     import statistics
 
     out = {}
     for key in ("thr/seconds", "thr/forward_seconds"):
-        values = [v for run in arm_runs for v in run["thr_metrics"].get(key, []) if v is not None]
+        values = [v for v in metrics.get(key, []) if v is not None]
         if values:
             out[key] = statistics.median(values)
-    for key in ("thr/hidden_source", "thr/captured_frac", "thr/generate_capture"):
-        values = [v for run in arm_runs for v in run["thr_metrics"].get(key, [])]
-        if values:
-            out[key] = values
+    for key in sorted(k for k in metrics if "source" in k or "capture" in k):
+        out[key] = metrics[key]
     return out
 
 
@@ -183,9 +277,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEMO_CONFIG, help="a trl-thr train YAML config (default: the demo)")
     parser.add_argument("--model", help="override model_name_or_path (e.g. builtin:tiny-qwen2)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per arm, over all rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of every arm run")
-    parser.add_argument("--rounds", type=int, default=2, help="arm order alternates between rounds")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per arm")
+    parser.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of every arm")
     parser.add_argument("--max-completion-length", type=int, help="override the config's")
     parser.add_argument("--kernel-rows", type=int, default=8, help="rows (one group) of the kernel comparison")
     parser.add_argument("--kernel-length", type=int, default=256, help="tokens per row (T/2..T) of the kernel part")
@@ -193,16 +286,16 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-vocab-size", type=int, default=151936)
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--tiny", action="store_true",
-                        help="smoke run in seconds: builtin:tiny-qwen2, 1 timed step, 1 round, tiny kernel shape")
+                        help="smoke run in seconds: builtin:tiny-qwen2, 1 timed step, tiny kernel shape")
     parser.add_argument("--out", default="bench_step.json", help="JSON results")
     args = parser.parse_args(argv)
     if args.tiny:
         args.model = args.model or "builtin:tiny-qwen2"
-        args.steps, args.warmup, args.rounds = 1, 1, 1
+        args.steps, args.warmup = 1, 1
         args.max_completion_length = args.max_completion_length or 8
         args.kernel_length, args.kernel_hidden_size, args.kernel_vocab_size = 16, 32, 500
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
-        parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -234,35 +327,34 @@ def main(argv=None) -> int:
                                      data_files=script.dataset_data_files, max_samples=script.max_train_samples)
     reward_funcs = load_reward_funcs(script.reward_funcs, script.reward_on_error)
 
-    per_round = math.ceil(args.steps / args.rounds)
     work = Path(tempfile.mkdtemp(prefix="thr-bench-step-"))
-    arms, note = build_arms(training, model_args, work, args.warmup + per_round)
+    arms, note = build_arms(training, model_args, work, args.warmup + args.steps)
     record.update(model=model_args.model_name_or_path, model_path=model_path, device=str(device),
-                  warmup_steps_per_run=args.warmup, timed_steps_per_run=per_round, rounds=args.rounds,
+                  warmup_steps=args.warmup, timed_steps=args.steps, schedule="one step per arm in rotation",
                   arms=[name for name, _, _ in arms], arm_note=note,
                   settings={k: training.get(k) for k in ("per_device_train_batch_size", "num_generations",
                                                          "max_completion_length", "temperature", "seed",
-                                                         "learning_rate", "thr_strategy", "thr_p")},
-                  order=[], runs={name: [] for name, _, _ in arms})
-    memory_records = {}
-    for round_index in range(args.rounds):
-        order = arms if round_index % 2 == 0 else arms[::-1]
-        for name, trainer_cls, make_config in order:
-            print(f"[bench_step] round {round_index + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            keep = name != "grpo" and name not in memory_records
-            result, calls = run_arm(name, trainer_cls, make_config, model_path, train_dataset, reward_funcs,
-                                    args.warmup, device, keep)
-            result["round"] = round_index
-            result["thr_calls"] = gpu_check.public_records(calls)
-            if keep:
-                memory_records[name] = calls
-            record["order"].append(name)
-            record["runs"][name].append(result)
-            record["steps"] = summarise_arms(record["runs"])
-            gpu_check.write_json_atomic(out, record)
-    record["thr_seconds"] = {name: thr_seconds(runs) for name, runs in record["runs"].items() if name != "grpo"}
-    record["thr_memory"] = {name: thr_memory(calls) for name, calls in memory_records.items()}
-    memory_records.clear()
+                                                         "learning_rate", "thr_strategy", "thr_p")})
+    clocks = {}
+
+    def save_progress():  # runs in the arm that holds the turn, so never concurrently
+        record["step_s"] = {name: list(clock.seconds) for name, clock in clocks.items()}
+        record["steps"] = summarise_arms({name: seconds[args.warmup:] for name, seconds in record["step_s"].items()})
+        gpu_check.write_json_atomic(out, record)
+
+    state = train_in_turns(arms, model_path, train_dataset, reward_funcs, device, save_progress, clocks)
+    save_progress()
+    record["load_after_steps"] = gpu_check.load_averages()
+    record["errors"] = {name: arm["error"] for name, arm in state.items() if arm["error"]}
+    record["thr_metrics"] = {name: gpu_check.thr_log_metrics(arm["log_history"]) for name, arm in state.items()}
+    record["trl_step_time"] = {name: [e["step_time"] for e in arm["log_history"] if "step_time" in e]
+                               for name, arm in state.items()}
+    record["thr_seconds"] = {name: thr_seconds(record["thr_metrics"][name]) for name in state if name != "grpo"}
+    record["thr_memory"] = {name: thr_memory(arm["thr_calls"]) for name, arm in state.items() if name != "grpo"}
+    record["thr_calls"] = {name: gpu_check.public_records(arm["thr_calls"]) for name, arm in state.items()
+                           if name != "grpo"}
+    del state
+    gc.collect()
     gpu_check.write_json_atomic(out, record)
 
     if not args.skip_kernel:

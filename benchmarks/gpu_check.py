@@ -52,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -88,6 +89,7 @@ class Scale:
     trainer_warmup_steps: int
     trainer_timed_steps: int
     sharded_steps: int
+    sharded_completion_length: int
     sharded_timeout_s: int
 
 
@@ -95,11 +97,12 @@ SCALES = {
     "h100": Scale(hidden_size=1536, vocab_size=151936, num_layers=28, num_heads=12, num_kv_heads=2,
                   intermediate_size=8960, num_generations=8, kernel_groups=2, kernel_length=1024, capture_rows=8,
                   capture_prompt_length=32, capture_length=128, trainer_completion_length=256,
-                  trainer_warmup_steps=2, trainer_timed_steps=4, sharded_steps=3, sharded_timeout_s=180),
+                  trainer_warmup_steps=2, trainer_timed_steps=4, sharded_steps=3, sharded_completion_length=64,
+                  sharded_timeout_s=180),
     "tiny": Scale(hidden_size=64, vocab_size=1000, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                   num_generations=4, kernel_groups=2, kernel_length=32, capture_rows=4, capture_prompt_length=8,
                   capture_length=12, trainer_completion_length=12, trainer_warmup_steps=1, trainer_timed_steps=2,
-                  sharded_steps=2, sharded_timeout_s=240),
+                  sharded_steps=2, sharded_completion_length=12, sharded_timeout_s=240),
 }
 
 
@@ -444,8 +447,8 @@ def recording_thr_calls(device: torch.device, keep_first_inputs: bool = False):
     """Record every `compute_thr` call the trainer makes: shapes and dtypes of what it holds, `|V'|`, seconds, and
     on CUDA the call's own peak memory. Yields the list of records (filled as calls happen).
 
-    With `keep_first_inputs`, the arguments of the first call with work to do (an active group) are kept (its
-    record's `"_inputs"`) so that its memory can be profiled afterwards, outside the timed steps.
+    With `keep_first_inputs`, the arguments of each thread's first call with work to do (an active group) are kept
+    (its record's `"_inputs"`) so that its memory can be profiled afterwards, outside the timed steps.
     """
     import trl_thr.thr as thr_module
     from trl_thr.thr import active_groups
@@ -467,6 +470,7 @@ def recording_thr_calls(device: torch.device, keep_first_inputs: bool = False):
             "distinct_ids_per_group": distinct_ids_per_group(completion_ids, completion_mask, num_generations),
             "active_groups": int(active_groups(advantages, completion_mask, num_generations,
                                                kwargs.get("positive_mask")).sum()),
+            "thread": threading.current_thread().name,  # which trainer, when several train in turns
         }
         if device.type == "cuda":
             synchronize(device)
@@ -482,7 +486,8 @@ def recording_thr_calls(device: torch.device, keep_first_inputs: bool = False):
             peak = torch.cuda.max_memory_allocated(device)
             state["running_peak"] = max(state["running_peak"], peak)
             record["call_peak_bytes"] = peak - before
-        if keep_first_inputs and record["active_groups"] and not any("_inputs" in r for r in records):
+        if keep_first_inputs and record["active_groups"] and not any(
+                "_inputs" in r and r["thread"] == record["thread"] for r in records):
             record["_inputs"] = ((hidden_states, completion_ids, completion_mask, lm_head_weight, advantages,
                                   num_generations, *args), kwargs)
         records.append(record)
@@ -893,12 +898,12 @@ def run_child(args) -> None:
         device = torch.device("cuda" if args.device == "cuda" else "cpu")
         tokenizer = tokenizer_at(Path(args.tokenizer))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = build_random_model(scale, tokenizer, torch.device("cpu"), dtype)
+        model = build_random_model(scale, tokenizer, device, dtype)  # accelerate shards it in `prepare`
         cuda = device.type == "cuda"
         config = THRGRPOConfig(output_dir=str(out / "run"), per_device_train_batch_size=scale.num_generations,
                                gradient_accumulation_steps=2, steps_per_generation=2,
                                num_generations=scale.num_generations,
-                               max_completion_length=scale.trainer_completion_length, max_steps=scale.sharded_steps,
+                               max_completion_length=scale.sharded_completion_length, max_steps=scale.sharded_steps,
                                logging_steps=1, report_to="none", save_strategy="no", bf16=cuda, use_cpu=False,
                                gradient_checkpointing=False, learning_rate=1e-6, seed=0, disable_tqdm=True)
         clock = StepClock(device)

@@ -111,7 +111,8 @@ class FileHashes:
 def model_fingerprint(directory: str | Path, hashes: FileHashes) -> dict[str, dict]:
     """`{file name: {"bytes", "sha256"}}` of the files in `directory` that determine its generations.
 
-    Content hashes, not modification times: copying a checkpoint keeps its key, overwriting it changes the key.
+    Content hashes, not modification times: a copy of a checkpoint has the same fingerprint, a checkpoint saved
+    over it another.
     """
     directory = Path(directory)
     fingerprint = {}

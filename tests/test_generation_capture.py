@@ -237,7 +237,7 @@ def recorded(tiny_model_path, tokenizer):
     return SimpleNamespace(model=model, capture=capture, redo=redo)
 
 
-def misaligned_cases(batch, tokenizer):
+def misaligned_cases(batch):
     longer_ids = torch.cat([batch["completion_ids"], batch["completion_ids"][:, :1]], 1)
     longer_mask = torch.cat([batch["completion_mask"], torch.ones_like(batch["completion_mask"][:, :1])], 1)
     swapped = torch.tensor([1, 0, 2, 3, 4, 5])
@@ -256,9 +256,9 @@ def misaligned_cases(batch, tokenizer):
 
 @pytest.mark.parametrize("case", ["more tokens than steps", "rows swapped", "tokens shifted", "fewer rows",
                                   "another prompt"])
-def test_misaligned_completions_fall_back(case, recorded, tokenizer):
+def test_misaligned_completions_fall_back(case, recorded):
     batch = recorded.redo()
-    bad, reason = misaligned_cases(batch, tokenizer)[case]
+    bad, reason = misaligned_cases(batch)[case]
     assert align(recorded.capture, recorded.model, bad) is None
     assert reason in recorded.capture.reason
     assert recorded.capture.num_steps == 0  # freed

@@ -89,7 +89,8 @@ _ALIGN_BLOCK_ELEMENTS = 2**24
 @dataclass
 class _BackboneCall:
     """One backbone call as the pre-hook saw it: input length, cache length before the call (`None` if the call
-    carried no cache) and its input ids `(B, L)` (`None` if it ran on `inputs_embeds`)."""
+    carried no cache), its input ids `(B, L)` (`None` if it ran on `inputs_embeds`) and, for the first call only,
+    its 2-D attention mask `(B, L)` (the prompts' left padding)."""
 
     length: int
     cache_length: int | torch.Tensor | None
@@ -270,7 +271,7 @@ class GenerationCapture:
         if not (len(calls) == steps == len(self._lse_steps)):
             return (f"{len(calls)} backbone calls, {steps} backbone outputs and {len(self._lse_steps)} LM-head "
                     "calls: not one LM-head call per backbone call")
-        if calls[0].cache_length not in (None, 0):
+        if calls[0].cache_length is not None and int(calls[0].cache_length) != 0:
             return "the first recorded call continued a non-empty cache: not the prefill of a generate call"
         previous = calls[0]
         for index, call in enumerate(calls[1:], start=1):

@@ -31,6 +31,7 @@ import dataclasses
 import gc
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import threading
@@ -251,6 +252,21 @@ def thr_seconds(metrics: dict) -> dict:
     return out
 
 
+def source_revision() -> dict:
+    """The git commit measured, and whether `src/` had uncommitted changes (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*command):
+        try:
+            done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--short", "--", "src")
+    return {"commit": git("rev-parse", "HEAD"), "src_uncommitted_changes": None if status is None else bool(status)}
+
+
 def markdown(record: dict) -> str:
     lines = ["| trainer | timed steps | mean (s) | median (s) | min-max (s) | stdev (s) | overhead vs GRPO (median / "
              "mean) |", "|---|---|---|---|---|---|---|"]
@@ -315,6 +331,7 @@ def main(argv=None) -> int:
     record = {"command": [sys.executable, *sys.argv], "config": args.config, "load_before": gpu_check.load_averages(),
               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "finished": False}
+    record["source"] = source_revision()
     script_kwargs, model_kwargs, training = demo_arguments(args.config)
     if args.model:
         model_kwargs["model_name_or_path"] = args.model

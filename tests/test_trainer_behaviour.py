@@ -1,0 +1,243 @@
+"""What the trainer does with THR, pinned by values: strategy signs, the reward-threshold positive set, logged
+metrics (one process and two), and how a weight acts on the gradient (float64, exact)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from thr_reference import (
+    CPU,
+    LENGTHS,
+    NUM_GENERATIONS,
+    TEMPERATURE,
+    KernelRecorder,
+    length_of_completion,
+    per_token_gradients,
+    ragged_trainer,
+    reference_thr,
+    two_prompts,
+)
+from tiny import length_reward, tiny_dataset
+from transformers import AutoModelForCausalLM
+
+from trl_thr import THRGRPOConfig, THRGRPOTrainer
+
+HERE = Path(__file__).parent
+
+
+def generate(trainer, model_path):
+    recorder = KernelRecorder()
+    with recorder.patch:
+        batch = trainer._generate_and_score_completions(two_prompts(model_path))
+    return batch, recorder
+
+
+@pytest.mark.parametrize("p", [0.3, -0.3])
+def test_positive_and_negative_amplify_give_one_plus_and_minus_abs_p(p, tiny_model_path, tmp_path):
+    weights, thrs = {}, {}
+    for strategy in ("positive-amplify", "negative-amplify"):
+        trainer = ragged_trainer(tiny_model_path, tmp_path / strategy, thr_strategy=strategy, thr_p=p)
+        batch, recorder = generate(trainer, tiny_model_path)
+        weights[strategy], (thrs[strategy],) = batch["thr_weights"], recorder.outputs
+    torch.testing.assert_close(thrs["positive-amplify"], thrs["negative-amplify"])  # same batch, same THR
+    thr, mask = thrs["positive-amplify"], batch["completion_mask"].bool()
+    assert (thr[mask] > 0).any() and (thr[mask] < 0).any(), "both signs are needed to tell the strategies apart"
+    sign = thr.sign() * mask
+    assert torch.equal(weights["positive-amplify"], (1 + abs(p) * sign) * mask)
+    assert torch.equal(weights["negative-amplify"], (1 - abs(p) * sign) * mask)
+
+
+def correct_if_short(completion_ids, **kwargs):
+    """A 0/1 "correctness" reward that disagrees with the length reward about who is positive."""
+    return [float(len(ids) < 4) for ids in completion_ids]
+
+
+@pytest.mark.parametrize("func", ["correct_if_short", None], ids=["one-function", "weighted-sum"])
+def test_reward_threshold_positive_set_reaches_the_weights(func, tiny_model_path, tmp_path):
+    threshold = 1.0 if func else 6.5
+    trainer = ragged_trainer(tiny_model_path, tmp_path, reward_funcs=[length_of_completion, correct_if_short],
+                             thr_positive_reward_threshold=threshold, thr_positive_reward_func=func,
+                             thr_vocab="full")
+    batch, recorder = generate(trainer, tiny_model_path)
+    lengths = [float(n) for n in LENGTHS]
+    correct = correct_if_short([[0] * n for n in LENGTHS])
+    total = [a + b for a, b in zip(lengths, correct)]
+    positive = [c >= threshold for c in (correct if func else total)]
+    advantage_positive = [r > sum(total[g : g + 4]) / 4 for g in (0, 4) for r in total[g : g + 4]]
+    assert positive != advantage_positive, "the threshold picks the same set as A > 0: the test would not see it"
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float64)
+    grads, _ = per_token_gradients(model, batch, LENGTHS, TEMPERATURE)
+    expected = reference_thr(grads, batch["completion_ids"], LENGTHS, total, NUM_GENERATIONS, "full",
+                             positive=positive)
+    (thr,) = recorder.outputs
+    torch.testing.assert_close(thr.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    mask = batch["completion_mask"]
+    torch.testing.assert_close(batch["thr_weights"], ((1 + 0.5 * expected.sign()) * mask).float())
+
+
+def reward_for_first_prompt_only(prompts, completion_ids, **kwargs):
+    """Length for the first prompt's group; a constant for the second, so that group is skipped."""
+    return [float(len(ids)) if prompt == prompts[0] else 1.0 for prompt, ids in zip(prompts, completion_ids)]
+
+
+def recomputed_metrics(records, quantile):
+    """`thr/*` metrics from the kernel's THR and the trainer's weights, pooled over `records` (one per process)."""
+    totals = dict(tokens=0, active=0, kept=0, pos=0, neg=0, weight=0.0, abs=0.0, tau=0.0, taus=0, groups=0,
+                  skipped=0)
+    for record in records:
+        thr, weights, mask, advantages = record["thr"], record["weights"], record["mask"].bool(), record["advantages"]
+        for group in range(thr.size(0) // NUM_GENERATIONS):
+            rows = slice(group * NUM_GENERATIONS, (group + 1) * NUM_GENERATIONS)
+            positive = record["positive"][rows] if record["positive"] is not None else advantages[rows] > 0
+            totals["groups"] += 1
+            if not positive.any() or advantages[rows].max() == advantages[rows].min():
+                totals["skipped"] += 1
+                continue
+            values = thr[rows][mask[rows]].abs()
+            keep = math.ceil(quantile * values.numel())
+            tau = values.sort(descending=True).values[keep].item() if keep < values.numel() else -math.inf
+            totals["active"] += values.numel()
+            totals["kept"] += int((values > tau).sum())
+            totals["pos"] += int((thr[rows][mask[rows]] > 0).sum())
+            totals["neg"] += int((thr[rows][mask[rows]] < 0).sum())
+            totals["abs"] += values.sum().item()
+            if math.isfinite(tau):
+                totals["tau"] += tau
+                totals["taus"] += 1
+        totals["tokens"] += int(mask.sum())
+        totals["weight"] += weights[mask].sum().item()
+    return {
+        "thr/kept_frac": totals["kept"] / totals["active"],
+        "thr/pos_frac": totals["pos"] / totals["active"],
+        "thr/neg_frac": totals["neg"] / totals["active"],
+        "thr/mean_weight": totals["weight"] / totals["tokens"],
+        "thr/tau": totals["tau"] / totals["taus"],
+        "thr/abs_mean": totals["abs"] / totals["active"],
+        "thr/groups_skipped_frac": totals["skipped"] / totals["groups"],
+    }
+
+
+def test_metrics_equal_a_recomputation(tiny_model_path, tmp_path):
+    trainer = ragged_trainer(tiny_model_path, tmp_path, reward_funcs=reward_for_first_prompt_only,
+                             thr_strategy="positive-amplify", thr_threshold="quantile", thr_quantile=0.4)
+    batch, recorder = generate(trainer, tiny_model_path)
+    record = dict(thr=recorder.outputs[0], weights=batch["thr_weights"], mask=batch["completion_mask"],
+                  advantages=batch["advantages"], positive=None)
+    expected = recomputed_metrics([record], quantile=0.4)
+    assert expected["thr/groups_skipped_frac"] == 0.5 and 0 < expected["thr/kept_frac"] < 1
+    assert expected["thr/pos_frac"] != expected["thr/neg_frac"]
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items() if key in expected}
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_metrics_and_positive_sets_over_two_processes(tiny_model_path, tmp_path):
+    """Each rank has other rewards (so other positive sets); the logged metrics are those of the pooled batch."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE.parent / "src")]))}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(HERE / "distributed_metrics_run.py"), tiny_model_path, str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [torch.load(tmp_path / f"metrics-rank{rank}.pt") for rank in (0, 1)]
+    for rank, record in enumerate(records):
+        # This process's rows of the gathered rewards: the positive set is its own completions'.
+        assert torch.equal(record["positive"], record["own_rewards"] >= record["threshold"]), f"rank {rank}"
+    assert not torch.equal(records[0]["positive"], records[1]["positive"])
+    expected = recomputed_metrics(records, quantile=records[0]["quantile"])
+    for rank, record in enumerate(records):
+        logged = {key: value for key, value in record["logged"].items() if key in expected}
+        assert logged == pytest.approx(expected, rel=1e-6), f"rank {rank}"
+
+
+def loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def float64_inputs(path, batch=4, length=6, prompt_length=5):
+    """A float64 generation-batch-like dict; old log-probs off the current ones, so ratios differ from 1 and some
+    tokens are clipped. Row 1 is padded from position 4, row 3 from position 2."""
+    gen = torch.Generator().manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    vocab = model.config.vocab_size
+    prompt_ids = torch.randint(3, vocab, (batch, prompt_length), generator=gen)
+    completion_ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    completion_mask = torch.ones(batch, length, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[3, 2:] = 0
+    with torch.no_grad():
+        logits = model(torch.cat([prompt_ids, completion_ids], 1)).logits[:, prompt_length - 1 : -1]
+        logps = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones(batch, prompt_length, dtype=torch.long),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.2, -0.4, 0.7, -1.5], dtype=torch.float64),
+        "num_items_in_batch": completion_mask.sum(),
+        "old_per_token_logps": logps + 0.3 * torch.randn(batch, length, generator=gen, dtype=torch.float64),
+    }
+
+
+def float64_trainer(path, output_dir, **overrides):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    args = THRGRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=4, beta=0.0,
+                         **CPU, **overrides)
+    return THRGRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "vespo"])
+def test_uniform_weight_scales_the_gradient(loss_type, tiny_variant_path, tmp_path):
+    path = tiny_variant_path("qwen2-untied")
+    trainer = float64_trainer(path, tmp_path, loss_type=loss_type)
+    inputs = float64_inputs(path)
+    ones = torch.ones(4, 6, dtype=torch.float64)
+    _, unit = loss_and_grads(trainer, {**inputs, "thr_weights": ones})
+    for c in (2.0, 0.5):  # powers of two: scaling is exact in floating point
+        _, scaled = loss_and_grads(trainer, {**inputs, "thr_weights": c * ones})
+        for name in unit:
+            assert torch.equal(scaled[name], c * unit[name]), (c, name)
+    # Any other c is exact up to round-off: TRL's fused head returns float32 log-probs even for a float64 model.
+    _, scaled = loss_and_grads(trainer, {**inputs, "thr_weights": 0.7 * ones})
+    for name in unit:
+        torch.testing.assert_close(scaled[name], 0.7 * unit[name], rtol=0, atol=1e-6 * unit[name].abs().max().item())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+def test_a_weight_on_one_token_changes_only_its_contribution(loss_type, tiny_variant_path, tmp_path):
+    """The loss is linear in the weights: raising token (j, t) by delta adds delta times that token's own gradient
+    (the gradient with weight 1 there and 0 elsewhere), and that gradient differs from every other token's; a weight
+    on a padding token changes nothing, bit for bit."""
+    path = tiny_variant_path("qwen2-untied")
+    trainer = float64_trainer(path, tmp_path, loss_type=loss_type)
+    inputs = float64_inputs(path)
+    mask = inputs["completion_mask"].double()
+    _, base = loss_and_grads(trainer, {**inputs, "thr_weights": mask})
+    token = torch.zeros_like(mask)
+    token[2, 3] = 1.0
+    _, alone = loss_and_grads(trainer, {**inputs, "thr_weights": token})
+    _, raised = loss_and_grads(trainer, {**inputs, "thr_weights": mask + 0.25 * token})
+    assert any(alone[name].abs().sum() > 0 for name in alone)
+    other = torch.zeros_like(mask)
+    other[0, 3] = 1.0
+    _, other_alone = loss_and_grads(trainer, {**inputs, "thr_weights": other})
+    assert any(not torch.allclose(alone[name], other_alone[name]) for name in alone)
+    for name in base:
+        # Round-off of TRL's float32 log-probs only (see above).
+        torch.testing.assert_close(raised[name] - base[name], 0.25 * alone[name], rtol=0,
+                                   atol=1e-6 * base[name].abs().max().item())
+    padding = torch.zeros_like(mask)
+    padding[3, 4] = 1.0  # row 3 is padded from position 2
+    assert inputs["completion_mask"][3, 4] == 0
+    _, padded = loss_and_grads(trainer, {**inputs, "thr_weights": mask + 5.0 * padding})
+    for name in base:
+        assert torch.equal(padded[name], base[name]), name

@@ -8,6 +8,12 @@ Part 2, a training step: THRGRPOTrainer vs GRPOTrainer on the same tiny local mo
 
     python benchmarks/bench_thr.py                        # CPU defaults (a few minutes on 2 cores)
     python benchmarks/bench_thr.py --device cuda --lengths 512 1024 2048 3072
+    python benchmarks/bench_thr.py --skip-steps --groups 4 --ragged --compare-with e7bb1ab --skip-lm-head
+
+`--compare-with REV` also times `compute_thr` as it was at git revision REV (loaded from `git show`, so the
+package keeps no old copy), on the same inputs, and checks that both give the same THR. `--skip-lm-head` leaves
+out the LM-head pass (the slowest part on a CPU): the log-prob of each sampled token is then `z_y - LSE` with the
+log-normaliser of Gaussian logits, `LSE = log V + var(z) / 2`, close to the true one for these random weights.
 
 Prints a markdown table; nothing is asserted.
 """
@@ -15,17 +21,31 @@ Prints a markdown table; nothing is asserted.
 import argparse
 import contextlib
 import gc
+import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
 
 from trl_thr import compute_thr
+
+
+def kernel_at_revision(revision):
+    """`compute_thr` from `src/trl_thr/thr.py` as committed at git `revision`."""
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{revision}:src/trl_thr/thr.py"], cwd=repo, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"thr_at_{revision}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{revision}:src/trl_thr/thr.py", "exec"), module.__dict__)
+    return module.compute_thr
 
 
 def synchronize(device):
@@ -67,6 +87,14 @@ def lm_head_logps(hidden, weight, targets, chunk):
     return (target_logit - lse).view(targets.shape)
 
 
+def approximate_logps(hidden, weight, targets):
+    """`log pi(y)` without the full vocabulary: logits `z = W h` of random weights are close to Gaussian, whose
+    log-sum-exp over `V` ids is about `log V + var(z) / 2`."""
+    target_logit = (hidden.float() * weight[targets].float()).sum(-1)
+    variance = hidden.float().pow(2).sum(-1) * weight.float().pow(2).sum(-1).mean() / hidden.size(-1)
+    return target_logit - (math.log(weight.size(0)) + variance / 2)
+
+
 def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -83,31 +111,46 @@ def reset_peak(device):
 def kernel_table(args):
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    previous = kernel_at_revision(args.compare_with) if args.compare_with else None
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.vocab_size, args.hidden_size, generator=gen) / args.hidden_size**0.5).to(device, dtype)
     rows = []
     for length in args.lengths:
         g = args.num_generations
-        hidden = torch.randn(g, length, args.hidden_size, generator=gen).to(device, dtype)
-        ids = zipf_ids((g, length), args.vocab_size, gen).to(device)
-        mask = torch.ones(g, length, dtype=torch.long, device=device)
-        advantages = torch.tensor([1.0] * (g // 4) + [-0.5] * (g - g // 4), device=device)
-        chunk = max(1, 2**26 // (g * length))
+        batch = g * args.groups
+        hidden = torch.randn(batch, length, args.hidden_size, generator=gen).to(device, dtype)
+        ids = zipf_ids((batch, length), args.vocab_size, gen).to(device)
+        lengths = torch.randint(1, length + 1, (batch, 1), generator=gen) if args.ragged else length
+        mask = (torch.arange(length) < lengths).long().to(device)
+        advantages = torch.tensor(([1.0] * (g // 4) + [-0.5] * (g - g // 4)) * args.groups, device=device)
+        chunk = max(1, 2**26 // (batch * length))
         reset_peak(device)
         base_mem = peak_memory(device)
-        head_seconds = timed(lambda: lm_head_logps(hidden, weight, ids, chunk), device, args.repeats)
-        logps = lm_head_logps(hidden, weight, ids, chunk)
-        distinct = ids.unique().numel()
+        if args.skip_lm_head:
+            head_seconds, logps = None, approximate_logps(hidden, weight, ids)
+        else:
+            head_seconds = timed(lambda: lm_head_logps(hidden, weight, ids, chunk), device, args.repeats)
+            logps = lm_head_logps(hidden, weight, ids, chunk)
+        distinct = max(ids[k * g : (k + 1) * g][mask[k * g : (k + 1) * g].bool()].unique().numel()
+                       for k in range(args.groups))
         for vocab in args.vocab:
             if vocab == "full" and length > args.max_full_length:
                 continue
+            kwargs = dict(vocab=vocab, include_self=not args.exclude_self, token_logprobs=logps)
+            repeats = args.repeats if vocab == "sampled" else 1
             reset_peak(device)
-            seconds = timed(
-                lambda: compute_thr(hidden, ids, mask, weight, advantages, g, vocab=vocab, token_logprobs=logps),
-                device, args.repeats if vocab == "sampled" else 1,
-            )
-            rows.append((length, vocab, distinct, seconds, head_seconds, peak_memory(device) - base_mem))
-            print(f"  T={length} vocab={vocab}: THR {seconds:.3f}s, LM head {head_seconds:.3f}s", file=sys.stderr)
+            seconds = timed(lambda: compute_thr(hidden, ids, mask, weight, advantages, g, **kwargs), device, repeats)
+            memory = peak_memory(device) - base_mem
+            previous_seconds = None
+            if previous is not None:
+                previous_seconds = timed(lambda: previous(hidden, ids, mask, weight, advantages, g, **kwargs),
+                                         device, repeats)
+                torch.testing.assert_close(compute_thr(hidden, ids, mask, weight, advantages, g, **kwargs),
+                                           previous(hidden, ids, mask, weight, advantages, g, **kwargs),
+                                           rtol=1e-3, atol=1e-5)
+            rows.append((length, vocab, distinct, seconds, previous_seconds, head_seconds, memory))
+            print(f"  T={length} vocab={vocab}: THR {seconds:.3f}s, previous {previous_seconds}, LM head "
+                  f"{head_seconds}", file=sys.stderr)
     return rows
 
 
@@ -151,6 +194,11 @@ def main():
     parser.add_argument("--hidden-size", type=int, default=1536)
     parser.add_argument("--vocab-size", type=int, default=151936)
     parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--groups", type=int, default=1, help="groups (prompts) per kernel call")
+    parser.add_argument("--ragged", action="store_true", help="completion lengths uniform in [1, T], not all T")
+    parser.add_argument("--exclude-self", action="store_true", help="time include_self=False")
+    parser.add_argument("--compare-with", metavar="REV", help="also time compute_thr as of this git revision")
+    parser.add_argument("--skip-lm-head", action="store_true", help="approximate log-probs, no LM-head pass")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512])
     parser.add_argument("--vocab", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
     parser.add_argument("--max-full-length", type=int, default=3072, help="skip full vocab above this length")
@@ -163,13 +211,16 @@ def main():
     torch.manual_seed(0)
 
     print(f"device={args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, dtype={args.dtype}")
-    print(f"\nKernel: d={args.hidden_size}, V={args.vocab_size}, G={args.num_generations}\n")
-    print("| completion tokens | vocab | distinct ids in group | THR kernel (s) | LM head log-probs (s) | "
-          "THR / LM head | peak extra memory (MiB) |")
-    print("|---|---|---|---|---|---|---|")
-    for length, vocab, distinct, seconds, head, memory in kernel_table(args):
-        print(f"| {length} | {vocab} | {distinct} | {seconds:.3f} | {head:.3f} | {seconds / head:.1%} | "
-              f"{memory:.0f} |")
+    print(f"\nKernel: d={args.hidden_size}, V={args.vocab_size}, G={args.num_generations}, {args.groups} group(s), "
+          f"{'ragged' if args.ragged else 'full-length'} completions, include_self={not args.exclude_self}\n")
+    previous = f" compute_thr at {args.compare_with} (s) |" if args.compare_with else ""
+    print(f"| completion tokens | vocab | largest \\|V'\\| of a group | THR kernel (s) |{previous} "
+          "LM head log-probs (s) | THR / LM head | peak extra memory (MiB) |")
+    print("|---|---|---|---|" + ("---|" if previous else "") + "---|---|---|")
+    for length, vocab, distinct, seconds, previous_seconds, head, memory in kernel_table(args):
+        previous = f" {previous_seconds:.3f} |" if previous_seconds is not None else ""
+        head, share = ("not measured", "-") if head is None else (f"{head:.3f}", f"{seconds / head:.1%}")
+        print(f"| {length} | {vocab} | {distinct} | {seconds:.3f} |{previous} {head} | {share} | {memory:.0f} |")
     if args.skip_steps:
         return
     print(f"\nTraining step: tiny Qwen2 (d={args.tiny_hidden_size}), 8 completions x 64 tokens, "

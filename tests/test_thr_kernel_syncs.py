@@ -1,7 +1,8 @@
 """`compute_thr` waits for the device a fixed number of times per batch, however many groups the batch holds.
 
 On a GPU every `.tolist()`, `.item()` or `nonzero` stalls the stream until the device catches up. A CUDA sync
-counter does not exist on CPU, so this counts the calls that cause one.
+counter does not exist on CPU, so this counts the Python-level calls that cause one (the kernel's one
+`torch.unique`, which also waits on CUDA, is once per batch by construction: it runs outside every loop).
 """
 
 import pytest

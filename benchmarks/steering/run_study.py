@@ -14,7 +14,8 @@ killed study resumes by skipping finished runs (and `trl-thr eval` resumes from 
         --sft_steps 0 --steps 500 --prompt_template qwen-math-boxed --max_completion_length 1024 --no-use_cpu
 
 `--arms` order is the execution order within a seed; seeds run one after the other, so a study stopped early has
-whole seeds of every arm. `summarize.py` turns the records into tables and plots.
+whole seeds of every arm. Several workers may share one `--output_dir` (e.g. one with `--seeds 0 1 2`, one with
+`--seeds 2 1 0`): each run is claimed with a lock file. `summarize.py` turns the records into tables and plots.
 """
 
 import argparse
@@ -321,14 +322,38 @@ def train_config(args, arm: str, seed: int, base_path: str, task: dict, output_d
     return config
 
 
-def run_one(args, root: Path, arm: str, seed: int, base: dict, task: dict, provenance: dict) -> dict:
+def claim(run_dir: Path) -> bool:
+    """Take the run's lock file (holding this process id); `False` if a live process holds it. Lets several
+    workers share one study directory; a lock left by a killed worker is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "lock"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text() or "0")
+                os.kill(holder, 0)
+                return holder == os.getpid()
+            except (ValueError, ProcessLookupError):
+                lock.unlink(missing_ok=True)  # stale: its worker is gone
+                continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
+def run_one(args, root: Path, arm: str, seed: int, base: dict, task: dict, provenance: dict) -> dict | None:
+    """Train and evaluate one (arm, seed); the finished record, or `None` if another worker is running it."""
     import yaml
 
     run_dir = root / "runs" / f"{arm}-s{seed}"
     record_path = run_dir / "record.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not claim(run_dir):
+        return None
     model_dir = run_dir / "model"
     log = run_dir / "log.txt"
     config = train_config(args, arm, seed, base["path"], task, model_dir)
@@ -355,6 +380,7 @@ def run_one(args, root: Path, arm: str, seed: int, base: dict, task: dict, prove
         "eval_config": evaluation["config"], "log_history": trained["log_history"], **provenance,
     }
     write_json_atomic(record_path, record)
+    (run_dir / "lock").unlink(missing_ok=True)
     return record
 
 
@@ -445,6 +471,9 @@ def main(argv=None):
         for arm in args.arms:
             started = time.time()
             record = run_one(args, root, arm, seed, base, task, provenance)
+            if record is None:
+                print(f"{arm} seed {seed}: running in another worker", flush=True)
+                continue
             print(f"{arm} seed {seed}: greedy {record['metrics'].get('greedy_accuracy')}, "
                   f"pass@1 {record['metrics'].get('pass@1')} ({time.time() - started:.0f} s)", flush=True)
 

@@ -9,6 +9,7 @@ and `<study>/curves.png` (reward, entropy and the thr/* metrics over training st
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +35,29 @@ def interval(values: list[float]) -> dict:
 def series(log_history: list[dict], key: str) -> dict[int, float]:
     return {e["step"]: float(e[key]) for e in log_history
             if e.get(key) is not None and not (isinstance(e[key], float) and math.isnan(e[key]))}
+
+
+def arithmetic_fact(question: str) -> tuple | None:
+    """`(operation, a, b)` of a question written by `run_study.fact_question`, or `None`."""
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    if len(numbers) != 2:
+        return None
+    for marker, operation in ((" + ", "add"), ("gets", "add"), (" - ", "sub"), ("gives away", "sub"), (" * ", "mul")):
+        if marker in question:
+            return operation, *numbers
+    return None
+
+
+def data_overlap(root: Path) -> dict | None:
+    """How held-out the test split is: test questions (and their arithmetic facts) that occur in training data."""
+    data = root / "data"
+    if not (data / "test.jsonl").exists():
+        return None
+    read = lambda name: [json.loads(line)["question"] for line in (data / name).read_text().splitlines()]  # noqa: E731
+    test, seen = read("test.jsonl"), set(read("train.jsonl")) | set(read("sft.jsonl"))
+    seen_facts = {arithmetic_fact(q) for q in seen}
+    return {"test_questions": len(test), "test_questions_in_training": sum(q in seen for q in test),
+            "test_facts_in_training": sum(arithmetic_fact(q) in seen_facts for q in test)}
 
 
 def load_records(root: Path) -> list[dict]:
@@ -68,6 +92,7 @@ def summarize(root: Path) -> dict:
             if len(averages) == len(runs) and runs:
                 entry.setdefault("training_averages", {})[key] = interval(averages)
         result["arms"][arm] = entry
+    result["data_overlap"] = data_overlap(root)
     result["sources"] = sorted({(r.get("source_commit"), r.get("source_sha256")) for r in records})
     return result
 
@@ -81,7 +106,12 @@ def fmt(stat: dict, percent: bool = True) -> str:
     return f"{stat['mean']:.3g} ± {stat['ci95']:.2g}"
 
 
-def markdown(result: dict) -> str:
+COMPACT = ("greedy_accuracy", "pass@1", "pass@2", "pass@4", "pass@8", "pass@16")
+
+
+def markdown(result: dict, keys: tuple[str, ...] | None = None) -> str:
+    """The results table (mean ± 95 % half-width over seeds, in %), restricted to `keys` if given, and the
+    training averages."""
     arms = list(result["arms"])
     if not arms:
         return "No finished runs yet."
@@ -94,7 +124,7 @@ def markdown(result: dict) -> str:
     header = "| metric (%) | " + ("base | " if "base" in result else "") + " | ".join(
         f"{arm} (n={seeds[arm]})" for arm in arms) + " |"
     lines += [header, "|---|" + ("---|" if "base" in result else "") + "---|" * len(arms)]
-    keys = list(result["arms"][arms[0]]["metrics"])
+    keys = [k for k in result["arms"][arms[0]]["metrics"] if keys is None or k in keys]
     order = sorted(keys, key=lambda k: (k != "greedy_accuracy", not k.startswith("mean@"),
                                         int(k.split("@")[1]) if k.startswith("pass@") else 0))
     for key in order:
@@ -105,9 +135,9 @@ def markdown(result: dict) -> str:
     lines.append("| training average | " + " | ".join(arms) + " |")
     lines.append("|---|" + "---|" * len(arms))
     for key, _ in CURVES:
-        if all(key in result["arms"][a].get("training_averages", {}) for a in arms):
-            lines.append(f"| {key} | " + " | ".join(fmt(result["arms"][a]["training_averages"][key], percent=False)
-                                                   for a in arms) + " |")
+        cells = [result["arms"][a].get("training_averages", {}).get(key) for a in arms]
+        if any(cells):
+            lines.append(f"| {key} | " + " | ".join("-" if c is None else fmt(c, percent=False) for c in cells) + " |")
     lines.append("| train seconds per run | " + " | ".join(
         fmt(result["arms"][a]["train_seconds"], percent=False) for a in arms) + " |")
     return "\n".join(lines)
@@ -175,8 +205,8 @@ def main(argv=None):
     root = Path(argv[0])
     result = summarize(root)
     (root / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    table = markdown(result)
-    (root / "results.md").write_text(table + "\n")
+    table = markdown(result, COMPACT)
+    (root / "results.md").write_text(table + "\n\nAll K:\n\n" + markdown(result) + "\n")
     if result["arms"]:
         plot_pass_at_k(result, root / "pass_at_k.png")
         plot_curves(root, result, root / "curves.png")

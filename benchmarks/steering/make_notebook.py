@@ -1,0 +1,117 @@
+"""Write examples/notebooks/steering.ipynb (its source lives here so that it is reviewed as code).
+
+    python benchmarks/steering/make_notebook.py
+    # saved outputs: the demo model's committed run, executed without recomputing it
+    TRL_THR_STEERING_RESULTS=benchmarks/steering/dynamics-smollm2 jupyter nbconvert --to notebook --execute \
+        --inplace examples/notebooks/steering.ipynb
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+CELLS = [
+    new_markdown_cell("""# Does the knob steer? THR arms on your model
+
+`thr_strategy` and `thr_p` reweight each token's advantage by its Token Hidden Reward (THR, [arXiv 2510.03669](https://arxiv.org/abs/2510.03669)): how much updating that token raises (THR > 0) or lowers (THR < 0) the likelihood of the group's correct completions. `positive-amplify` (p > 0) is meant to exploit, `negative-amplify` (p < 0) to explore.
+
+This notebook shows, for one model and dataset:
+
+1. what THR looks like on the model's own samples (`trl-thr analyze`);
+2. what **one update** of each arm does, from the same start weights and the same rollouts (`trl-thr analyze --dynamics`): the change of the log-prob of correct and incorrect completions and of the entropy;
+3. how to read those numbers before choosing `thr_strategy` and `thr_p` for a run.
+
+By default it runs on `builtin:tiny-qwen2` (a random 2-layer model, offline, seconds) with a reward that varies within groups: the numbers then only show the mechanics. The saved outputs are those of the SmolLM2-135M demo model's run in `benchmarks/steering/dynamics-smollm2` (set `TRL_THR_STEERING_RESULTS` to a results directory to show one without recomputing it)."""),
+    new_code_cell("""import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+RESULTS = os.environ.get("TRL_THR_STEERING_RESULTS")  # an existing `trl-thr analyze --dynamics` output directory
+MODEL = os.environ.get("TRL_THR_STEERING_MODEL", "builtin:tiny-qwen2")
+
+if RESULTS:
+    output_dir = Path(RESULTS)
+else:
+    from trl_thr.cli import analyze
+
+    output_dir = Path(tempfile.mkdtemp()) / "analysis"
+    argv = ["--model_name_or_path", MODEL, "--dataset_name", "arithmetic", "--num_samples", "16",
+            "--num_prompts", "6", "--num_generations", "8", "--max_new_tokens", "16",
+            "--prompt_template", "chat-boxed", "--reward_funcs", "trl_thr.tiny:digit_reward",
+            "--dynamics", "true", "--dynamics_lr", "0.05", "--output_dir", str(output_dir)]
+    print("trl-thr analyze " + " ".join(argv))
+    analyze.main(argv)
+
+analysis = json.loads((output_dir / "thr_analysis.json").read_text())
+dynamics = json.loads((output_dir / "dynamics.json").read_text())
+config = analysis["config"]
+print(f"model: {config['model_name_or_path']}  dataset: {config['dataset_name']}  rewards: {config['reward_funcs']}")
+print(f"{dynamics['batches']} batches of {dynamics['config']['groups_per_batch']} group(s) x "
+      f"{dynamics['config']['num_generations']} completions; SGD lr {dynamics['config']['lr']}, "
+      f"normalize={dynamics['config']['normalize']}, |p| = {dynamics['config']['p']}")"""),
+    new_markdown_cell("""## 1. What THR looks like on this model
+
+Over the groups that hold both a correct and an incorrect completion: how many tokens are *dominant* (|THR| above the threshold, the only tokens the THR arms keep), how THR's sign splits between correct and incorrect completions, and whether large |THR| goes with high entropy."""),
+    new_code_cell("""import pandas as pd
+
+stats = analysis["statistics"]
+print(f"positive (correct) fraction of completions: {100 * stats['accuracy']:.1f} %; "
+      f"groups with both outcomes: {stats['active_groups']} of {stats['groups']}")
+display(pd.Series({f"threshold {k}": v for k, v in stats["dominant_fraction"].items()},
+                  name="fraction of tokens kept (dominant)").round(3).to_frame())
+display(pd.DataFrame(stats["by_correctness"]).T.round(4))
+overlap = stats["entropy_overlap"]
+print(f"top {100 * overlap['quantile']:g} % |THR| tokens that are also top-entropy tokens: "
+      f"{100 * overlap['overlap_frac']:.1f} % (chance {100 * overlap['chance_frac']:.1f} %)")"""),
+    new_markdown_cell("""## 2. One step per arm, from the same start
+
+Each arm takes one plain SGD step on the policy-gradient surrogate `-sum(w * A * log p) / N_tokens` with its token weights `w` (the trainer's own `weights_from_config`; GRPO: `w = 1`); the weights are restored between arms. Mean and standard error over batches:"""),
+    new_code_cell("""def table(entries, columns):
+    return pd.DataFrame({name: {c: entry[c]["mean"] for c in columns} for name, entry in entries.items()}).T
+
+columns = ["dlogp_correct", "dlogp_incorrect", "dentropy", "mean_weight", "grad_norm"]
+means = table(dynamics["arms"], columns)
+errors = pd.DataFrame({arm: {c: s[c]["se"] for c in columns} for arm, s in dynamics["arms"].items()}).T
+display(means.map(lambda v: f"{v:+.3g}") + " ± " + errors.map(lambda v: "-" if v is None else f"{v:.2g}"))"""),
+    new_markdown_cell("""Paired differences (arm a − arm b on the same batch), with how many batches have each sign: a difference that has the same sign on nearly every batch is a property of the method on this model, not noise."""),
+    new_code_cell("""rows = {}
+for pair, metrics in dynamics["pairs"].items():
+    rows[pair] = {m: f"{v['mean']:+.3g} ± {v['se'] or 0:.2g} ({v['positive']}+/{v['negative']}-)"
+                  for m, v in metrics.items()}
+display(pd.DataFrame(rows).T)"""),
+    new_code_cell("""from IPython.display import Image
+
+Image(filename=str(output_dir / "dynamics.png"))"""),
+    new_markdown_cell("""## 3. How to read this before choosing `thr_strategy` and `thr_p`
+
+- **`mean_weight`** is the fraction of the GRPO gradient's token mass an arm keeps. With the anchor threshold it is roughly `thr/kept_frac` during training: a THR arm with `mean_weight` 0.2 takes about a fifth of GRPO's step with plain SGD at the same learning rate. Adam rescales gradients per parameter, so in training the step *size* is closer to GRPO's and mostly the *direction* differs; `--dynamics_normalize true` isolates that direction.
+- **`dlogp_correct` vs `dlogp_incorrect`**: a GRPO step raises the first and lowers the second. `positive-amplify` weights dominant tokens with THR > 0 (whose update helps the group's correct completions) by `1 + |p|` and those with THR < 0 by `1 - |p|`; `negative-amplify` does the opposite. Relative to `dominant-only`, the first is therefore expected to gain more `dlogp_correct` per step and the second less; the paper links the second to exploration (higher entropy, better Pass@K at large K). The table measures whether that holds on your model.
+- **`dentropy`**: a more negative value means the step makes the model more confident on its own samples; the paper's claim is that negative amplification keeps entropy higher.
+- If the paired differences flip sign from batch to batch, a one-step study on this model cannot tell the arms apart: measure with more batches, or compare runs (`benchmarks/steering/run_study.py`, Pass@K over seeds) before trusting a choice."""),
+    new_code_cell("""grpo = dynamics["arms"].get("grpo")
+for arm, entry in dynamics["arms"].items():
+    if arm == "grpo" or grpo is None:
+        continue
+    weight = entry["mean_weight"]["mean"]
+    ratio = entry["dlogp_correct"]["mean"] / grpo["dlogp_correct"]["mean"] if grpo["dlogp_correct"]["mean"] else float("nan")
+    print(f"{arm:17s} keeps {100 * weight:5.1f} % of GRPO's token weight; its step moves the correct completions' "
+          f"log-prob {ratio:.2f} x as far as GRPO's; entropy change {entry['dentropy']['mean']:+.3g} "
+          f"(GRPO {grpo['dentropy']['mean']:+.3g})")"""),
+]
+
+
+def main():
+    notebook = new_notebook(cells=CELLS)
+    notebook.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    path = Path(__file__).resolve().parents[2] / "examples" / "notebooks" / "steering.ipynb"
+    nbformat.write(notebook, path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -64,8 +64,8 @@ leave attention unchanged because rotary attention depends on relative positions
 KV-cache decoding is *not* bit-identical to a full forward: a decode step multiplies `(B, 1, d)` against the
 cache with other kernels and reduction orders than a `(B, L, d)` forward, and the step's logits are rounded to
 the model dtype before the float32 log-sum-exp. Captured states, log-probs and hence THR then differ from the
-forward path's at bfloat16 round-off (relative ~1e-2 per value), the same order as the gap between vLLM's and
-the trainer's log-probs. With dropout active in training mode, generation and a teacher-forced forward draw
+forward path's at bfloat16 round-off, as vLLM's log-probs differ from the trainer's; the trainer's config can
+force the teacher-forced forward where that matters. With dropout active in training mode, generation and a teacher-forced forward draw
 different masks; neither is more correct.
 
 Memory: the captured states total `(B, T, d)` in the model dtype, what the forward path holds today, plus `(B,)`

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import math
 import os
 import random
 import subprocess
@@ -132,8 +133,9 @@ class Turns:
             self.condition.notify_all()
 
 
-def turn_clock(name: str, turns: Turns, device, on_step_end):
-    """A `TrainerCallback` that waits for the arm's turn at each step start, then times the step."""
+def turn_clock(name: str, turns: Turns, device, on_step_end, stop_at: float = math.inf):
+    """A `TrainerCallback` that waits for the arm's turn at each step start, then times the step; past the
+    `time.time()` value `stop_at` it ends training after the current step."""
     from transformers import TrainerCallback
 
     class TurnClock(TrainerCallback):
@@ -154,11 +156,14 @@ def turn_clock(name: str, turns: Turns, device, on_step_end):
             gpu_check.synchronize(device)
             self.seconds.append(time.perf_counter() - self._start)
             on_step_end()
+            if time.time() > stop_at:
+                control.should_training_stop = True
 
     return TurnClock()
 
 
-def train_in_turns(arms, model_path, train_dataset, reward_funcs, device, on_step_end, clocks: dict) -> dict:
+def train_in_turns(arms, model_path, train_dataset, reward_funcs, device, on_step_end, clocks: dict,
+                   stop_at: float = math.inf) -> dict:
     """Build every arm's trainer, then train them all in `Turns`; per arm its log history, THR calls and error.
 
     `clocks` receives each arm's step clock as it is built (`on_step_end` can read them while training runs).
@@ -168,7 +173,7 @@ def train_in_turns(arms, model_path, train_dataset, reward_funcs, device, on_ste
     turns = Turns([name for name, _, _ in arms])
     state = {}
     for name, trainer_cls, make_config in arms:
-        clock = clocks[name] = turn_clock(name, turns, device, on_step_end)
+        clock = clocks[name] = turn_clock(name, turns, device, on_step_end, stop_at)
         trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs, args=make_config(),
                               train_dataset=train_dataset, callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
@@ -247,9 +252,34 @@ def thr_seconds(metrics: dict) -> dict:
         values = [v for v in metrics.get(key, []) if v is not None]
         if values:
             out[key] = statistics.median(values)
-    for key in sorted(k for k in metrics if "source" in k or "capture" in k):
+    for key in sorted(k for k in metrics if "own_forward" in k or "source" in k or "capture" in k):
         out[key] = metrics[key]
     return out
+
+
+def measure_steps(record, args, arms, model_path, train_dataset, reward_funcs, device, out: Path) -> None:
+    """Train the arms in turns and put their step times, THR metrics and THR memory into `record`."""
+    clocks = {}
+
+    def save_progress():  # runs in the arm that holds the turn, so never concurrently
+        record["step_s"] = {name: list(clock.seconds) for name, clock in clocks.items()}
+        record["steps"] = summarise_arms({name: seconds[args.warmup:] for name, seconds in record["step_s"].items()})
+        gpu_check.write_json_atomic(out, record)
+
+    stop_at = time.time() + args.time_limit_s if args.time_limit_s else math.inf
+    state = train_in_turns(arms, model_path, train_dataset, reward_funcs, device, save_progress, clocks, stop_at)
+    save_progress()
+    record["load_after_steps"] = gpu_check.load_averages()
+    record["errors"] = {name: arm["error"] for name, arm in state.items() if arm["error"]}
+    record["thr_metrics"] = {name: gpu_check.thr_log_metrics(arm["log_history"]) for name, arm in state.items()}
+    record["trl_step_time"] = {name: [e["step_time"] for e in arm["log_history"] if "step_time" in e]
+                               for name, arm in state.items()}
+    record["thr_seconds"] = {name: thr_seconds(record["thr_metrics"][name]) for name in state if name != "grpo"}
+    record["thr_memory"] = {name: thr_memory(arm["thr_calls"]) for name, arm in state.items() if name != "grpo"}
+    record["thr_calls"] = {name: gpu_check.public_records(arm["thr_calls"]) for name, arm in state.items()
+                           if name != "grpo"}
+    del state
+    gc.collect()
 
 
 def source_revision() -> dict:
@@ -270,7 +300,7 @@ def source_revision() -> dict:
 def markdown(record: dict) -> str:
     lines = ["| trainer | timed steps | mean (s) | median (s) | min-max (s) | stdev (s) | overhead vs GRPO (median / "
              "mean) |", "|---|---|---|---|---|---|---|"]
-    for name, row in record["steps"].items():
+    for name, row in record.get("steps", {}).items():
         if not row["n"]:
             continue
         overhead = "-" if name == "grpo" else f"{row['overhead_median_pct']:+.1f} % / {row['overhead_mean_pct']:+.1f} %"
@@ -301,6 +331,9 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-hidden-size", type=int, default=1536)
     parser.add_argument("--kernel-vocab-size", type=int, default=151936)
     parser.add_argument("--skip-kernel", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true", help="only the kernel comparison")
+    parser.add_argument("--time-limit-s", type=float,
+                        help="stop every arm after the step that passes this many seconds of training")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke run in seconds: builtin:tiny-qwen2, 1 timed step, tiny kernel shape")
     parser.add_argument("--out", default="bench_step.json", help="JSON results")
@@ -352,26 +385,8 @@ def main(argv=None) -> int:
                   settings={k: training.get(k) for k in ("per_device_train_batch_size", "num_generations",
                                                          "max_completion_length", "temperature", "seed",
                                                          "learning_rate", "thr_strategy", "thr_p")})
-    clocks = {}
-
-    def save_progress():  # runs in the arm that holds the turn, so never concurrently
-        record["step_s"] = {name: list(clock.seconds) for name, clock in clocks.items()}
-        record["steps"] = summarise_arms({name: seconds[args.warmup:] for name, seconds in record["step_s"].items()})
-        gpu_check.write_json_atomic(out, record)
-
-    state = train_in_turns(arms, model_path, train_dataset, reward_funcs, device, save_progress, clocks)
-    save_progress()
-    record["load_after_steps"] = gpu_check.load_averages()
-    record["errors"] = {name: arm["error"] for name, arm in state.items() if arm["error"]}
-    record["thr_metrics"] = {name: gpu_check.thr_log_metrics(arm["log_history"]) for name, arm in state.items()}
-    record["trl_step_time"] = {name: [e["step_time"] for e in arm["log_history"] if "step_time" in e]
-                               for name, arm in state.items()}
-    record["thr_seconds"] = {name: thr_seconds(record["thr_metrics"][name]) for name in state if name != "grpo"}
-    record["thr_memory"] = {name: thr_memory(arm["thr_calls"]) for name, arm in state.items() if name != "grpo"}
-    record["thr_calls"] = {name: gpu_check.public_records(arm["thr_calls"]) for name, arm in state.items()
-                           if name != "grpo"}
-    del state
-    gc.collect()
+    if not args.skip_steps:
+        measure_steps(record, args, arms, model_path, train_dataset, reward_funcs, device, out)
     gpu_check.write_json_atomic(out, record)
 
     if not args.skip_kernel:

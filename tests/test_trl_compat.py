@@ -112,21 +112,6 @@ def test_backbone_output_is_what_the_fused_head_projects(tiny_model_path):
     assert capture.hidden_states() is None  # freed
 
 
-def test_lm_head_compute_dtype_follows_trls_kernel(tiny_model_path, tmp_path):
-    # trl's chunked log-prob kernel: fp32 with cast_lm_head_to_fp32, else the autocast dtype, else the input's.
-    source = inspect.getsource(trl.kernels.chunked_logprob)
-    assert "torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype" in source
-    trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, train_dataset=tiny_dataset(),
-                          args=GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
-                                          **CPU))
-    hidden = torch.zeros(1, dtype=torch.bfloat16)
-    assert compat.lm_head_compute_dtype(trainer, hidden) == torch.bfloat16
-    with patch.object(type(trainer.accelerator), "mixed_precision", new="fp16"):
-        assert compat.lm_head_compute_dtype(trainer, hidden) == torch.float16
-    trainer.args.cast_lm_head_to_fp32 = True
-    assert compat.lm_head_compute_dtype(trainer, hidden) == torch.float32
-
-
 class _State:
     def __init__(self, fsdp_plugin):
         self.fsdp_plugin = fsdp_plugin

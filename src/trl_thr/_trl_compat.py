@@ -43,7 +43,6 @@ __all__ = [
     "disable_gradient_checkpointing",
     "forward_kwargs",
     "full_lm_head",
-    "lm_head_compute_dtype",
     "log_completion_columns",
     "lm_head_sharding",
     "logit_transform_from_config",
@@ -141,18 +140,6 @@ def full_lm_head(head: torch.nn.Module):
         yield weight.full_tensor(), bias.full_tensor() if isinstance(bias, DTensor) else bias
     else:
         yield weight, bias
-
-
-def lm_head_compute_dtype(trainer: GRPOTrainer, hidden_states: torch.Tensor) -> torch.dtype:
-    """The dtype in which TRL's fused head multiplied hidden states by the LM head.
-
-    Mirrors trl 1.16's chunked log-prob kernel: float32 with `cast_lm_head_to_fp32`, else the autocast dtype when
-    the trainer runs under mixed precision (`accelerator.autocast()`), else the hidden states' own dtype.
-    """
-    if trainer.args.cast_lm_head_to_fp32:
-        return torch.float32
-    autocast_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    return autocast_dtypes.get(str(trainer.accelerator.mixed_precision), hidden_states.dtype)
 
 
 def uses_fsdp1(accelerator) -> bool:

@@ -307,7 +307,9 @@ class THRGRPOTrainer(GRPOTrainer):
                              forward_seconds: float) -> torch.Tensor:
         """THR weights `(B, T)` for a generation batch whose rows are whole, consecutive groups.
 
-        `token_logprobs` `(B, T)` are the log-probs of the forward that produced `hidden_states` `(B, T, d)`.
+        `token_logprobs` `(B, T)` are the log-probs of the forward that produced `hidden_states` `(B, T, d)` (TRL's
+        fused head, or those recorded during generation). THR reads the states and the head as stored: rounding them
+        like a bf16 projection does not bring THR closer to float64 (benchmarks/bench_precision.py).
         """
         start = time.perf_counter()
         args = self.args
@@ -327,20 +329,18 @@ class THRGRPOTrainer(GRPOTrainer):
         positive = self._positive_mask(num_rows)
         causal_lm = compat.unwrapped_causal_lm(self)
 
-        # THR's probabilities are the trainer's: the same rounding of hidden states and head as its projection.
-        compute_dtype = compat.lm_head_compute_dtype(self, hidden_states)
         if args.thr_log_normaliser == "exact":
-            token_logprobs = None  # the kernel streams the vocabulary for the normaliser
+            token_logprobs = None  # the kernel streams the vocabulary in float32 for the normaliser
         # Every process enters the head gather and the collectives below, whatever happens in between: THR's work
         # differs by process (lengths, V'), so a failure on one must not leave the others waiting in a collective.
         error = None
         with compat.full_lm_head(causal_lm.get_output_embeddings()) as (weight, bias):
             try:
                 thr = compute_thr(
-                    hidden_states.to(compute_dtype),
+                    hidden_states,
                     batch["completion_ids"],
                     mask,
-                    weight.to(compute_dtype),
+                    weight,
                     advantages,
                     num_generations,
                     temperature=self.temperature,
@@ -348,7 +348,7 @@ class THRGRPOTrainer(GRPOTrainer):
                     include_self=args.thr_include_self,
                     token_logprobs=token_logprobs,
                     positive_mask=positive,
-                    lm_head_bias=None if bias is None else bias.to(compute_dtype),
+                    lm_head_bias=bias,
                     block_elements=args.thr_block_elements,
                     **compat.logit_transform_from_config(causal_lm.config),
                 )

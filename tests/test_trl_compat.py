@@ -151,3 +151,18 @@ def test_completions_table_reads_extra_columns_and_trackers_as_mirrored():
     assert '**self._logs["extra"]' in log
     assert '"wandb" in self.args.report_to and wandb.run is not None' in log
     assert '"trackio" in self.args.report_to' in log
+
+
+def test_generation_capture_reads_attributes_trl_sets(tiny_model_path, tmp_path):
+    # `capture_unsupported_reason` branches on these GRPOTrainer attributes, and the trainer wraps
+    # `_generate_single_turn(prompt_ids, images, multimodal_fields, ...)`.
+    trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, train_dataset=tiny_dataset(),
+                          args=GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                                          **CPU))
+    for name in ("use_vllm", "use_transformers_continuous_batching", "rollout_func", "tools",
+                 "environment_factories", "_is_vlm", "generation_config"):
+        assert hasattr(trainer, name), name
+    parameters = list(inspect.signature(GRPOTrainer._generate_single_turn).parameters)
+    assert parameters[:4] == ["self", "prompt_ids", "images", "multimodal_fields"]
+    source = inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert source.count("unwrapped_model.generate(") == 1  # one generate call on the plain path

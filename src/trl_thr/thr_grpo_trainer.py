@@ -170,6 +170,9 @@ class THRGRPOTrainer(GRPOTrainer):
                 self._generation_capture = None
             start = time.perf_counter()
             recorded = None if capture is None else self._align_generation_capture(capture, batch)
+            if capture is not None and not self._on_every_process(recorded is not None):
+                # Every process takes the same path: THR's forward has collectives under ZeRO-3/FSDP.
+                recorded = None
             if recorded is not None:
                 hidden_states, token_logprobs = recorded
                 source = "generate"
@@ -408,6 +411,13 @@ class THRGRPOTrainer(GRPOTrainer):
             with open(path + ".tmp", "w", encoding="utf-8") as file:
                 file.write(page)
             os.replace(path + ".tmp", path)  # a kill mid-write leaves no half page
+
+    def _on_every_process(self, holds: bool) -> bool:
+        """Whether `holds` is true on every process (one all-reduce; no communication in a single process)."""
+        if self.accelerator.num_processes == 1:
+            return holds
+        failing = torch.tensor([0.0 if holds else 1.0], device=self.accelerator.device)
+        return self.accelerator.reduce(failing, reduction="sum").item() == 0
 
     def _raise_if_any_process_failed(self, error: Exception | None) -> None:
         failed = torch.tensor([0.0 if error is None else 1.0], device=self.accelerator.device)

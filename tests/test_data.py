@@ -14,6 +14,7 @@ from trl_thr.cli.data import (
     load_local,
     load_math_dataset,
     load_preset,
+    normalise_columns,
     reasoning_gym_problems,
     with_prompts,
 )
@@ -154,3 +155,17 @@ def test_with_prompts_and_limit():
     assert len(dataset) == 5 and set(dataset.column_names) == {"question", "solution", "prompt"}
     assert dataset[0]["prompt"][0]["content"] == dataset[0]["question"]
     assert len(limit(arithmetic_problems(3), None)) == 3
+
+
+def test_trl_layout_keeps_its_own_prompts(tmp_path):
+    # A `trl grpo` dataset: a ready `prompt` (messages) and a `solution`; no question column, so no template.
+    rows = [{"prompt": [{"role": "user", "content": f"What is {n} + 1?"}], "solution": str(n + 1), "source": "x"}
+            for n in range(3)]
+    path = tmp_path / "trl.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset = with_prompts(load_math_dataset(str(path)), get_template("qwen-math-boxed"))
+    assert dataset.column_names == ["prompt", "solution"]
+    assert dataset["prompt"] == [row["prompt"] for row in rows] and dataset["solution"] == ["1", "2", "3"]
+    # With a question column as well, the question is the source of truth and the template renders it.
+    both = Dataset.from_list([{"prompt": "ignored", "question": "What is 1 + 1?", "answer": "2"}])
+    assert normalise_columns(both, None, None, source="both").column_names == ["question", "solution"]

@@ -94,12 +94,23 @@ def normalise_columns(dataset, question_column, answer_column, answer=str, keep=
     """Rows `(question, solution)`; `answer` maps the raw answer cell to the gold final answer."""
     if keep is not None:
         dataset = dataset.filter(keep)
+    names = dataset.column_names
+    if question_column is None and "prompt" in names and not any(name in names for name in QUESTION_COLUMNS):
+        # TRL's own layout (`trl grpo` datasets): the prompt is ready, as text or messages; no template renders it.
+        answer_column = _pick_column(names, ANSWER_COLUMNS, answer_column, "answer", source)
+        dataset = dataset.map(lambda row: {"solution": answer(row[answer_column])},
+                              remove_columns=[name for name in names if name not in ("prompt", answer_column)])
+        return _check_gold(dataset.select_columns(["prompt", "solution"]), source)
     question_column = _pick_column(dataset.column_names, QUESTION_COLUMNS, question_column, "question", source)
     answer_column = _pick_column(dataset.column_names, ANSWER_COLUMNS, answer_column, "answer", source)
     dataset = dataset.map(
         lambda row: {"question": str(row[question_column]), "solution": answer(row[answer_column])},
         remove_columns=dataset.column_names,
     ).select_columns(["question", "solution"])
+    return _check_gold(dataset, source)
+
+
+def _check_gold(dataset, source):
     missing = [i for i, gold in enumerate(dataset["solution"]) if gold is None or gold == ""]
     if missing:
         raise ValueError(f"{source}: {len(missing)} rows have no gold answer (first: row {missing[0]}).")
@@ -228,7 +239,9 @@ def load_math_dataset(name: str, *, split=None, question_column=None, answer_col
 
 
 def with_prompts(dataset, template: PromptTemplate):
-    """Add TRL's `prompt` column rendered with `template`."""
+    """Add TRL's `prompt` column rendered with `template`; a dataset in TRL's layout keeps its own prompts."""
+    if "prompt" in dataset.column_names:
+        return dataset
     return dataset.map(lambda row: {"prompt": template.render(row["question"])})
 
 

@@ -241,3 +241,89 @@ def test_a_weight_on_one_token_changes_only_its_contribution(loss_type, tiny_var
     _, padded = loss_and_grads(trainer, {**inputs, "thr_weights": mask + 5.0 * padding})
     for name in base:
         assert torch.equal(padded[name], base[name]), name
+
+
+# ---- claims of README.md and docs/theory.md ---------------------------------------------------------------------
+
+
+def test_quantile_ties_at_the_boundary_are_dropped_together():
+    """docs/theory.md §2: tau is the largest |THR| left out of the top ceil(q n); tokens tied with it go too."""
+    from trl_thr import group_thresholds, thr_weights
+
+    thr = torch.tensor([[3.0, -2.0, 2.0, 1.0], [2.0, -0.5, 0.1, 0.2]])  # 8 tokens, |THR| = 2 three times
+    advantages, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 4)
+    taus = group_thresholds(thr, advantages, mask, 2, threshold="quantile", quantile=0.25)  # top ceil(2) = 2
+    assert taus.tolist() == [2.0]
+    weights = thr_weights(thr, advantages, mask, 2, strategy="dominant-only", taus=taus)
+    assert weights.sum() == 1 and weights[0, 0] == 1  # only the 3: the three tied 2s are dropped together
+
+
+def test_num_iterations_reuses_the_weights_of_the_generation_batch(tiny_model_path, tmp_path):
+    """docs/theory.md §4: THR is computed once per generation batch; every iteration on it uses the same weights."""
+    from unittest.mock import patch
+
+    from trl import GRPOTrainer
+
+    args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                         num_iterations=2, max_completion_length=6, max_steps=2, learning_rate=0.1, seed=0,
+                         thr_threshold="none", **CPU)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    seen, original = [], GRPOTrainer._compute_loss
+
+    def record(self, model, inputs):
+        seen.append({k: inputs[k].clone() for k in ("completion_ids", "advantages")})
+        return original(self, model, inputs)
+
+    recorder = KernelRecorder()
+    with recorder.patch, patch.object(GRPOTrainer, "_compute_loss", record):
+        trainer.train()
+    assert len(recorder.outputs) == 1 and len(seen) == 2  # one generation batch, two optimizer steps on it
+    assert torch.equal(seen[0]["completion_ids"], seen[1]["completion_ids"])
+    assert torch.equal(seen[0]["advantages"], seen[1]["advantages"])  # the weighted (B, T) advantages
+    assert seen[0]["advantages"].dim() == 2
+
+
+class FakeVLLMServerGeneration:
+    """Stands in for trl's VLLMGeneration in server mode: no server; samples ids and per-token log-probs."""
+
+    def __init__(self, model, processing_class, max_completion_length, **kwargs):
+        assert kwargs.get("mode", "server") == "server"
+        self.vocab, self.eos = len(processing_class), processing_class.eos_token_id
+        self.max_completion_length = max_completion_length
+        self.gen = torch.Generator().manual_seed(0)
+        self.syncs = 0
+        self.vllm_client = self  # TRL asks the server how it computes log-probs
+
+    def get_server_info(self):
+        return {"model_config": {"logprobs_mode": "processed_logprobs"}}
+
+    def sync_weights(self):
+        self.syncs += 1
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        completions, logprobs = [], []
+        for _ in prompts:
+            n = int(torch.randint(1, self.max_completion_length, (1,), generator=self.gen))
+            ids = torch.randint(3, self.vocab, (n,), generator=self.gen).tolist() + [self.eos]
+            completions.append(ids)
+            logprobs.append([[-3.0] for _ in ids])
+        return prompts, completions, logprobs, None
+
+
+@pytest.mark.parametrize("correction", [True, False])
+def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
+    """README: vLLM server mode works (the generation backend mocked, as the colocate test does)."""
+    from unittest.mock import patch
+
+    args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=8, max_steps=1, seed=0, use_vllm=True, vllm_mode="server",
+                         vllm_importance_sampling_correction=correction, **CPU)
+    with patch("trl.trainer.grpo_trainer.VLLMGeneration", FakeVLLMServerGeneration):
+        trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                                 train_dataset=tiny_dataset())
+    recorder = KernelRecorder()
+    with recorder.patch:
+        trainer.train()
+    assert len(recorder.outputs) == 1 and trainer.vllm_generation.syncs >= 1
+    assert "thr/kept_frac" in trainer.state.log_history[0]

@@ -2,7 +2,7 @@
 
     python benchmarks/steering/make_notebook.py
     # saved outputs: the demo model's committed run, executed without recomputing it
-    TRL_THR_STEERING_RESULTS=benchmarks/steering/dynamics-smollm2 jupyter nbconvert --to notebook --execute \
+    TRL_THR_STEERING_RESULTS=$PWD/benchmarks/steering/dynamics-base jupyter nbconvert --to notebook --execute \
         --inplace examples/notebooks/steering.ipynb
 """
 
@@ -22,7 +22,7 @@ This notebook shows, for one model and dataset:
 2. what **one update** of each arm does, from the same start weights and the same rollouts (`trl-thr analyze --dynamics`): the change of the log-prob of correct and incorrect completions and of the entropy;
 3. how to read those numbers before choosing `thr_strategy` and `thr_p` for a run.
 
-By default it runs on `builtin:tiny-qwen2` (a random 2-layer model, offline, seconds) with a reward that varies within groups: the numbers then only show the mechanics. The saved outputs are those of the SmolLM2-135M demo model's run in `benchmarks/steering/dynamics-smollm2` (set `TRL_THR_STEERING_RESULTS` to a results directory to show one without recomputing it)."""),
+By default it runs on `builtin:tiny-qwen2` (a random 2-layer model, offline, seconds) with a reward that varies within groups: the numbers then only show the mechanics. Set `TRL_THR_STEERING_MODEL` to run it on another model, or `TRL_THR_STEERING_RESULTS` to show an existing `trl-thr analyze --dynamics` output directory without recomputing it. The saved outputs show `benchmarks/steering/dynamics-base`: the base model of the training study in [docs/science.md](../../docs/science.md) (a 0.59 M-parameter Qwen2 fine-tuned on arithmetic), on its training split with the strict `accuracy` reward."""),
     new_code_cell("""import json
 import os
 import tempfile

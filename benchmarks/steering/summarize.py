@@ -18,6 +18,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 CURVES = (("reward", "reward (mean)"), ("entropy", "entropy (mean token)"),
           ("thr/kept_frac", "THR: fraction of tokens kept"), ("thr/mean_weight", "THR: mean token weight"),
           ("thr/pos_frac", "THR: fraction with THR > 0"), ("completions/mean_length", "completion length"))
+# Averaged over each run's steps: the curves, the gradient norm before clipping, and the fraction of clipped steps.
+AVERAGED = tuple(key for key, _ in CURVES) + ("thr/groups_skipped_frac", "grad_norm", "clipped_frac")
 ARM_COLORS = {"grpo": "#555555", "positive-amplify": "#2e7d32", "negative-amplify": "#c62828",
               "dominant-only": "#1565c0"}
 
@@ -83,10 +85,13 @@ def summarize(root: Path) -> dict:
                  "metrics": {k: interval([r["metrics"][k] for r in runs]) for k in metric_keys},
                  "train_seconds": interval([r["train_seconds"] for r in runs]),
                  "eval_seconds": interval([r["eval_seconds"] for r in runs])}
-        for key, _ in CURVES:
+        for key in AVERAGED:
             averages = []
             for r in runs:
-                values = list(series(r["log_history"], key).values())
+                values = list(series(r["log_history"], "grad_norm" if key == "clipped_frac" else key).values())
+                if key == "clipped_frac":  # steps whose gradient norm exceeded max_grad_norm (clipped to it)
+                    limit = r["train_config"].get("max_grad_norm", 1.0)
+                    values = [float(v > limit) for v in values]
                 if values:
                     averages.append(sum(values) / len(values))
             if len(averages) == len(runs) and runs:
@@ -134,7 +139,7 @@ def markdown(result: dict, keys: tuple[str, ...] | None = None) -> str:
     lines.append("")
     lines.append("| training average | " + " | ".join(arms) + " |")
     lines.append("|---|" + "---|" * len(arms))
-    for key, _ in CURVES:
+    for key in AVERAGED:
         cells = [result["arms"][a].get("training_averages", {}).get(key) for a in arms]
         if any(cells):
             lines.append(f"| {key} | " + " | ".join("-" if c is None else fmt(c, percent=False) for c in cells) + " |")

@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo-install demo test clean
+.PHONY: install demo-install demo test mutation clean
 
 install: $(VENV)/.installed
 
@@ -41,5 +41,14 @@ demo: demo-install
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
 
+# Mutation testing (not in CI; slow: tens of minutes on 2 cores). mutmut (https://github.com/boxed/mutmut) mutates
+# src/trl_thr/thr.py and thr_grpo_trainer.py ([tool.mutmut] in pyproject.toml) and runs the tests that reach each
+# mutant. MUTANTS narrows the run, e.g. MUTANTS='trl_thr.thr.x_thr_weights*'. Results: `$(BIN)/mutmut results`.
+MUTANTS ?=
+mutation: install
+	$(PIP) install "mutmut>=3.3,<4"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build mutants *.egg-info src/*.egg-info

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from trl_thr.thr_grpo_trainer import full_lm_head, lm_head_sharding
+from trl_thr._trl_compat import full_lm_head, lm_head_sharding  # what THRGRPOTrainer reads its LM head through
 
 VOCAB, HIDDEN = 10, 4
 

@@ -332,6 +332,7 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-vocab-size", type=int, default=151936)
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--skip-steps", action="store_true", help="only the kernel comparison")
+    parser.add_argument("--arms", nargs="+", help="only these arms (grpo, thr_forward, thr_generate or thr)")
     parser.add_argument("--time-limit-s", type=float,
                         help="stop every arm after the step that passes this many seconds of training")
     parser.add_argument("--tiny", action="store_true",
@@ -379,6 +380,11 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="thr-bench-step-"))
     arms, note = build_arms(training, model_args, work, args.warmup + args.steps)
+    if args.arms:
+        unknown = set(args.arms) - {name for name, _, _ in arms}
+        if unknown:
+            raise SystemExit(f"--arms: {sorted(unknown)} not among {[name for name, _, _ in arms]}")
+        arms = [arm for arm in arms if arm[0] in args.arms]
     record.update(model=model_args.model_name_or_path, model_path=model_path, device=str(device),
                   warmup_steps=args.warmup, timed_steps=args.steps, schedule="one step per arm in rotation",
                   arms=[name for name, _, _ in arms], arm_note=note,

@@ -182,7 +182,12 @@ class THRGRPOTrainer(GRPOTrainer):
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["thr/own_forward"].append(float(source == "forward"))
         forward_seconds = self._seconds_since(start)
-        batch["thr_weights"] = self._compute_thr_weights(batch, hidden_states, token_logprobs, forward_seconds)
+        weights = self._compute_thr_weights(batch, hidden_states, token_logprobs, forward_seconds)
+        counted = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
+        # Weight 1 on every counted token is GRPO's update: TRL keeps its (B,) advantages, so the run is GRPO's bit for
+        # bit (multiplying by ones reorders some loss types' sums). One check per generation batch.
+        if not torch.equal(weights, counted.to(weights.dtype)):
+            batch["thr_weights"] = weights
         return batch
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):

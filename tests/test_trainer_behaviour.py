@@ -21,6 +21,7 @@ from thr_reference import (
     reference_thr,
     two_prompts,
 )
+from test_trainer import FakeVLLMGeneration
 from tiny import length_reward, tiny_dataset
 from transformers import AutoModelForCausalLM
 
@@ -284,31 +285,16 @@ def test_num_iterations_reuses_the_weights_of_the_generation_batch(tiny_model_pa
     assert seen[0]["advantages"].dim() == 2
 
 
-class FakeVLLMServerGeneration:
+class FakeVLLMServerGeneration(FakeVLLMGeneration):
     """Stands in for trl's VLLMGeneration in server mode: no server; samples ids and per-token log-probs."""
 
     def __init__(self, model, processing_class, max_completion_length, **kwargs):
         assert kwargs.get("mode", "server") == "server"
-        self.vocab, self.eos = len(processing_class), processing_class.eos_token_id
-        self.max_completion_length = max_completion_length
-        self.gen = torch.Generator().manual_seed(0)
-        self.syncs = 0
+        super().__init__(model, processing_class, max_completion_length, **kwargs)
         self.vllm_client = self  # TRL asks the server how it computes log-probs
 
     def get_server_info(self):
         return {"model_config": {"logprobs_mode": "processed_logprobs"}}
-
-    def sync_weights(self):
-        self.syncs += 1
-
-    def generate(self, prompts, images, num_generations, profiler=None):
-        completions, logprobs = [], []
-        for _ in prompts:
-            n = int(torch.randint(1, self.max_completion_length, (1,), generator=self.gen))
-            ids = torch.randint(3, self.vocab, (n,), generator=self.gen).tolist() + [self.eos]
-            completions.append(ids)
-            logprobs.append([[-3.0] for _ in ids])
-        return prompts, completions, logprobs, None
 
 
 @pytest.mark.parametrize("correction", [True, False])

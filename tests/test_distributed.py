@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from distributed_run import config
-from tiny import length_reward, same_length_dataset
+from tiny import launch_two_processes, length_reward, same_length_dataset
 
 from trl_thr import THRGRPOTrainer
 
@@ -25,12 +25,7 @@ def pad_right(tensors, value=0):
 
 
 def test_two_processes_match_one(tiny_model_path, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(HERE.parent / "src")}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(HERE / "distributed_run.py"), tiny_model_path, str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(HERE / "distributed_run.py", tiny_model_path, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 
     ranks = [torch.load(tmp_path / f"batch-rank{rank}.pt") for rank in (0, 1)]

@@ -2,9 +2,6 @@
 metrics (one process and two), and how a weight acts on the gradient (float64, exact)."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ from thr_reference import (
     reference_thr,
     two_prompts,
 )
-from test_trainer import FakeVLLMGeneration
-from tiny import length_reward, tiny_dataset
+from test_trainer import FakeVLLMGeneration, loss_and_grads
+from tiny import launch_two_processes, length_reward, tiny_dataset
 from transformers import AutoModelForCausalLM
 
 from trl_thr import THRGRPOConfig, THRGRPOTrainer
@@ -138,12 +135,7 @@ def test_metrics_equal_a_recomputation(tiny_model_path, tmp_path):
 
 def test_metrics_and_positive_sets_over_two_processes(tiny_model_path, tmp_path):
     """Each rank has other rewards (so other positive sets); the logged metrics are those of the pooled batch."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE.parent / "src")]))}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(HERE / "distributed_metrics_run.py"), tiny_model_path, str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(HERE / "distributed_metrics_run.py", tiny_model_path, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [torch.load(tmp_path / f"metrics-rank{rank}.pt") for rank in (0, 1)]
     for rank, record in enumerate(records):
@@ -154,14 +146,6 @@ def test_metrics_and_positive_sets_over_two_processes(tiny_model_path, tmp_path)
     for rank, record in enumerate(records):
         logged = {key: value for key, value in record["logged"].items() if key in expected}
         assert logged == pytest.approx(expected, rel=1e-6), f"rank {rank}"
-
-
-def loss_and_grads(trainer, inputs):
-    trainer.model.zero_grad()
-    trainer.current_gradient_accumulation_steps = 1
-    loss = trainer._compute_loss(trainer.model, inputs)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
 def float64_inputs(path, batch=4, length=6, prompt_length=5):

@@ -46,3 +46,22 @@ def same_length_dataset(model_path, num_prompts: int = 8):
     chosen = [p for p, n in zip(prompts, lengths) if n == common][:num_prompts]
     assert len(chosen) == num_prompts
     return Dataset.from_dict({"prompt": chosen})
+
+
+def launch_two_processes(script, *args, timeout=600):
+    """Run `script args` on two CPU processes (accelerate's multi-GPU launcher falls back to gloo), offline.
+
+    Returns the `subprocess.CompletedProcess`; the caller checks its return code.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).parent.parent / "src")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), src]))}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

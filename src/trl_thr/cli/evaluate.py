@@ -11,7 +11,6 @@ settings, seed, max tokens and problem set, so an interrupted run resumes instea
 checkpoint is never served old samples.
 """
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path

@@ -48,6 +48,7 @@ def test_defaults_follow_the_paper():
         (dict(thr_beta=0.0), None),
         (dict(thr_log_normaliser="approx"), "thr_log_normaliser='approx' is not valid"),
         (dict(thr_log_normaliser="exact"), None),
+        (dict(thr_hidden_source="cache"), "thr_hidden_source='cache' is not valid"),
         (dict(importance_sampling_level="tok"), "importance_sampling_level='tok' is not valid"),
         (dict(importance_sampling_level="sequence_token", loss_type="vespo"), "no effect with loss_type='vespo'"),
     ],

@@ -43,14 +43,14 @@ def train_with_completions(model_path, output_dir, **overrides):
                          report_to="none", thr_threshold="none", **CPU, **overrides)
     trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
     recorded = {}
-    original = trainer._compute_thr_weights
+    original = trainer._thr_weights_and_metrics
 
     def record(batch, *rest):
         weights = original(batch, *rest)
         recorded.update(weights=weights, mask=batch["completion_mask"])
         return weights
 
-    trainer._compute_thr_weights = record
+    trainer._thr_weights_and_metrics = record
     return trainer, recorded
 
 

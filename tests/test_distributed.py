@@ -39,7 +39,8 @@ def test_two_processes_match_one(tiny_model_path, tmp_path):
                              train_dataset=same_length_dataset(tiny_model_path))
     trainer.args.per_device_train_batch_size = 8  # one process holds what the two held
     logps, hidden = trainer._old_policy_forward(batch)
-    one_process_weights = trainer._compute_thr_weights(batch, hidden, logps, 0.0)
+    thr = trainer._compute_thr(batch, hidden, logps, positive=None)
+    one_process_weights = trainer._thr_weights_and_metrics(batch, thr, None, thr_seconds=0.0, forward_seconds=0.0)
 
     torch.testing.assert_close(one_process_weights, two_process_weights, rtol=1e-5, atol=1e-6)
     kept = (two_process_weights > 0).float().mean()

@@ -343,13 +343,13 @@ def test_peft_captures_the_adapted_policy_not_the_reference(tiny_model_path, tmp
                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False))
     captured = []
-    original = trainer._compute_thr_weights
+    original = trainer._compute_thr
 
     def capture(batch, hidden, *more):
         captured.append(hidden)
         return original(batch, hidden, *more)
 
-    trainer._compute_thr_weights = capture
+    trainer._compute_thr = capture
     batch = trainer._generate_and_score_completions(list(tiny_dataset())[:2] * 2)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
@@ -439,3 +439,47 @@ def test_unknown_positive_reward_func(tiny_model_path, tmp_path):
     args = make_config(tmp_path, thr_positive_reward_threshold=1.0, thr_positive_reward_func="accuracy")
     with pytest.raises(ValueError, match="thr_positive_reward_func='accuracy' is not one of"):
         THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(thr_hidden_source="generate"), dict(thr_hidden_source="forward"), dict(num_iterations=2)],
+    ids=["generate", "forward", "old-logps"],
+)
+def test_states_and_gathered_head_are_freed_once_thr_is_computed(overrides, tiny_model_path, tmp_path, monkeypatch):
+    """Neither the captured `(B, T, d)` states nor a gathered `(V, d)` head outlive the THR call: both are gone by
+    the time the thresholds and weights are computed (their collectives, and the rest of the step, run without
+    them)."""
+    import gc
+    import weakref
+    from contextlib import contextmanager
+
+    import trl_thr._trl_compat as compat
+    import trl_thr.thr_grpo_trainer as trainer_module
+
+    @contextmanager
+    def gathered_head(head):  # stands in for a ZeRO-3/FSDP2 gather: a fresh (V, d) tensor, as full_tensor() gives
+        yield head.weight.detach().clone(), head.bias
+
+    seen = {}
+
+    def recording_compute_thr(hidden_states, completion_ids, mask, weight, *args, **kwargs):
+        seen.update(states=weakref.ref(hidden_states), head=weakref.ref(weight))
+        return compute_thr(hidden_states, completion_ids, mask, weight, *args, **kwargs)
+
+    weights_from_config = trainer_module.weights_from_config
+
+    def checking_weights_from_config(*args, **kwargs):
+        gc.collect()
+        seen.update(states_alive=seen["states"]() is not None, head_alive=seen["head"]() is not None)
+        return weights_from_config(*args, **kwargs)
+
+    monkeypatch.setattr(compat, "full_lm_head", gathered_head)
+    monkeypatch.setattr(trainer_module, "compute_thr", recording_compute_thr)
+    monkeypatch.setattr(trainer_module, "weights_from_config", checking_weights_from_config)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
+                             args=make_config(tmp_path, thr_threshold="none", **overrides),
+                             train_dataset=tiny_dataset())
+    trainer._generate_and_score_completions(list(tiny_dataset())[:1] * 4)
+    assert seen["states_alive"] is False, "the captured states outlived the THR call"
+    assert seen["head_alive"] is False, "the gathered LM head outlived the THR call"

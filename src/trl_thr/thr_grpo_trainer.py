@@ -61,6 +61,11 @@ def weights_from_config(
     return weights, taus
 
 
+def _counted_tokens(batch: dict) -> torch.Tensor:
+    """`(B, T)` tokens the loss counts: completion tokens, less tool-call outputs when TRL masks them."""
+    return batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
+
+
 class THRGRPOTrainer(GRPOTrainer):
     """
     [`trl.GRPOTrainer`] with Token Hidden Reward (THR, [arXiv 2510.03669](https://huggingface.co/papers/2510.03669)).
@@ -145,6 +150,23 @@ class THRGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.args.thr_strategy == "none":
             return super()._generate_and_score_completions(inputs)
+        batch, hidden_states, token_logprobs, forward_seconds = self._generate_with_thr_states(inputs)
+        start = time.perf_counter()
+        positive = self._positive_mask(batch["advantages"].size(0))
+        thr = self._compute_thr(batch, hidden_states, token_logprobs, positive)
+        # THR is done with the (B, T, d) states (the gathered LM head went when _compute_thr returned): free them now,
+        # before the thresholds' and the metrics' collectives, rather than at the end of the batch.
+        del hidden_states, token_logprobs
+        weights = self._thr_weights_and_metrics(batch, thr, positive, self._seconds_since(start), forward_seconds)
+        # Weight 1 on every counted token is GRPO's update: TRL keeps its (B,) advantages, so the run is GRPO's bit for
+        # bit (multiplying by ones reorders some loss types' sums). One check per generation batch.
+        if not torch.equal(weights, _counted_tokens(batch).to(weights.dtype)):
+            batch["thr_weights"] = weights
+        return batch
+
+    def _generate_with_thr_states(self, inputs) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
+        """GRPOTrainer's batch and what THR reads for it: `(batch, hidden (B, T, d), token_logprobs (B, T),
+        seconds spent getting them after generation)`."""
         if compat.trl_computes_old_logps(self):
             capture = compat.BackboneCapture()
             self._old_policy_capture = capture
@@ -159,36 +181,27 @@ class THRGRPOTrainer(GRPOTrainer):
                     "THRGRPOTrainer expected GRPOTrainer to compute old_per_token_logps in this configuration and "
                     f"found none; trl-thr supports trl {compat.SUPPORTED_TRL}.x, found trl {compat.trl.__version__}."
                 )
+            return batch, hidden_states, token_logprobs, self._seconds_since(start)
+        # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR records
+        # what it needs during generation, or runs its own no-grad forward, and leaves TRL's ratio alone.
+        capture = self._generation_capture_for_batch()
+        self._generation_capture = capture
+        try:
+            batch = super()._generate_and_score_completions(inputs)
+        finally:
+            self._generation_capture = None
+        start = time.perf_counter()
+        recorded = None if capture is None else self._align_generation_capture(capture, batch)
+        if capture is not None and not self._on_every_process(recorded is not None):
+            # Every process takes the same path: THR's forward has collectives under ZeRO-3/FSDP.
+            recorded = None
+        if recorded is not None:
+            hidden_states, token_logprobs = recorded
         else:
-            # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR
-            # records what it needs during generation, or runs its own no-grad forward, and leaves TRL's ratio alone.
-            capture = self._generation_capture_for_batch()
-            self._generation_capture = capture
-            try:
-                batch = super()._generate_and_score_completions(inputs)
-            finally:
-                self._generation_capture = None
-            start = time.perf_counter()
-            recorded = None if capture is None else self._align_generation_capture(capture, batch)
-            if capture is not None and not self._on_every_process(recorded is not None):
-                # Every process takes the same path: THR's forward has collectives under ZeRO-3/FSDP.
-                recorded = None
-            if recorded is not None:
-                hidden_states, token_logprobs = recorded
-                source = "generate"
-            else:
-                token_logprobs, hidden_states = self._old_policy_forward(batch)
-                source = "forward"
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["thr/own_forward"].append(float(source == "forward"))
-        forward_seconds = self._seconds_since(start)
-        weights = self._compute_thr_weights(batch, hidden_states, token_logprobs, forward_seconds)
-        counted = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
-        # Weight 1 on every counted token is GRPO's update: TRL keeps its (B,) advantages, so the run is GRPO's bit for
-        # bit (multiplying by ones reorders some loss types' sums). One check per generation batch.
-        if not torch.equal(weights, counted.to(weights.dtype)):
-            batch["thr_weights"] = weights
-        return batch
+            token_logprobs, hidden_states = self._old_policy_forward(batch)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["thr/own_forward"].append(float(recorded is None))
+        return batch, hidden_states, token_logprobs, self._seconds_since(start)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         # Only the first call of a generation batch is recorded: tool turns call it again with other prompts.
@@ -311,45 +324,43 @@ class THRGRPOTrainer(GRPOTrainer):
         values = self.accelerator.gather(values)
         return values[~torch.isnan(values)]
 
-    def _compute_thr_weights(self, batch: dict, hidden_states: torch.Tensor, token_logprobs: torch.Tensor,
-                             forward_seconds: float) -> torch.Tensor:
-        """THR weights `(B, T)` for a generation batch whose rows are whole, consecutive groups.
+    def _thr_group_size(self) -> tuple[str, int]:
+        """`(mode, num_generations)` of the batch being generated."""
+        mode = "train" if self.model.training else "eval"
+        return mode, self.num_generations if mode == "train" else self.num_generations_eval
+
+    def _compute_thr(self, batch: dict, hidden_states: torch.Tensor, token_logprobs: torch.Tensor,
+                     positive: torch.Tensor | None) -> torch.Tensor:
+        """THR `(B, T)` of a generation batch whose rows are whole, consecutive groups.
 
         `token_logprobs` `(B, T)` are the log-probs of the forward that produced `hidden_states` `(B, T, d)` (TRL's
         fused head, or those recorded during generation). THR reads the states and the head as stored: rounding them
-        like a bf16 projection does not bring THR closer to float64 (benchmarks/bench_precision.py).
+        like a bf16 projection does not bring THR closer to float64 (benchmarks/bench_precision.py). A sharded head
+        is gathered for this call only.
         """
-        start = time.perf_counter()
         args = self.args
-        mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        advantages = batch["advantages"]
-        num_rows = advantages.size(0)
+        mode, num_generations = self._thr_group_size()
+        num_rows = batch["advantages"].size(0)
         if num_rows % num_generations != 0:
             raise ValueError(
                 f"THR needs whole groups on each process, but this process holds {num_rows} completions, not a "
                 f"multiple of num_generations={num_generations}. Set per_device_{mode}_batch_size (times "
                 "steps_per_generation in training) to a multiple of num_generations."
             )
-        mask = batch["completion_mask"]
-        if "tool_mask" in batch:
-            mask = mask * batch["tool_mask"]
-        positive = self._positive_mask(num_rows)
         causal_lm = compat.unwrapped_causal_lm(self)
-
         if args.thr_log_normaliser == "exact":
             token_logprobs = None  # the kernel streams the vocabulary in float32 for the normaliser
-        # Every process enters the head gather and the collectives below, whatever happens in between: THR's work
+        # Every process enters the head gather and the collective below, whatever happens in between: THR's work
         # differs by process (lengths, V'), so a failure on one must not leave the others waiting in a collective.
-        error = None
+        thr = error = None
         with compat.full_lm_head(causal_lm.get_output_embeddings()) as (weight, bias):
             try:
                 thr = compute_thr(
                     hidden_states,
                     batch["completion_ids"],
-                    mask,
+                    _counted_tokens(batch),
                     weight,
-                    advantages,
+                    batch["advantages"],
                     num_generations,
                     temperature=self.temperature,
                     vocab=args.thr_vocab,
@@ -362,13 +373,22 @@ class THRGRPOTrainer(GRPOTrainer):
                 )
             except Exception as caught:  # noqa: BLE001 - re-raised below, on every process
                 error = caught
+        del weight, bias  # a gathered head (V x d) must not outlive the block
         self._raise_if_any_process_failed(error)
+        return thr
 
+    def _thr_weights_and_metrics(self, batch: dict, thr: torch.Tensor, positive: torch.Tensor | None,
+                                 thr_seconds: float, forward_seconds: float) -> torch.Tensor:
+        """Per-token weights `(B, T)` from the batch's THR, with the `thr/*` metrics and completions columns."""
+        start = time.perf_counter()
+        args = self.args
+        mode, num_generations = self._thr_group_size()
+        advantages, mask = batch["advantages"], _counted_tokens(batch)
         p = self.thr_p
         weights, taus = weights_from_config(args, thr, advantages, mask, num_generations, p=p,
                                             positive_mask=positive, gather_values=self._gather_across_processes)
         self._log_thr_metrics(mode, thr, weights, taus, advantages, mask, num_generations, positive, p,
-                              self._seconds_since(start), forward_seconds)
+                              thr_seconds + self._seconds_since(start), forward_seconds)
         if self.log_completions:
             self._log_thr_completions(batch, thr, weights, taus, mask, num_generations, positive)
         return weights

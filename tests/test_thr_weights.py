@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_thr.thr import group_thresholds, scheduled_p, thr_weights
+from trl_thr.thr import active_groups, active_tokens, group_thresholds, positive_rows, scheduled_p, thr_weights
 
 # Group 0 (rows 0-2) is active: one positive completion. Group 1 (rows 3-5) has equal rewards (A = 0).
 THR = torch.tensor(
@@ -166,3 +166,125 @@ def test_p_schedules():
     assert scheduled_p(-0.1, 0.1, "linear", 2.0) == pytest.approx(0.1)  # clamped
     with pytest.raises(ValueError, match="schedule must be one of"):
         scheduled_p(0.1, 0.2, "step", 0.5)
+
+
+# Boundaries: each case below pins one comparison or one argument the hand-computed batch above does not reach.
+
+
+def test_positive_rows_need_a_strictly_positive_advantage_and_a_counted_token():
+    advantages = torch.tensor([0.0, 1.0, 1.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1]])
+    assert positive_rows(advantages, mask).tolist() == [False, True, False, False]
+    # an explicit positive set still needs a counted token
+    assert positive_rows(advantages, mask, torch.tensor([1, 0, 1, 1])).tolist() == [True, False, False, True]
+
+
+def test_active_groups_judge_each_group_on_its_own():
+    # group 0 spread without a positive row; group 1 positive without spread; group 2 both
+    advantages = torch.tensor([0.0, -1.0, 0.5, 0.5, 1.0, -1.0])
+    mask = torch.ones(6, 2)
+    assert active_groups(advantages, mask, 2).tolist() == [False, False, True]
+    assert active_tokens(advantages, mask, 2).tolist() == [[False] * 2] * 4 + [[True] * 2] * 2
+
+
+def test_an_explicit_positive_set_decides_which_groups_are_active():
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    mask = torch.ones(4, 2)
+    positive = torch.tensor([False, False, True, False])  # group 0 has no positive row under this set
+    assert active_groups(advantages, mask, 2, positive).tolist() == [False, True]
+    assert active_tokens(advantages, mask, 2, positive)[:2].any().item() is False
+    thr = torch.tensor([[0.5, -0.5], [0.5, -0.5], [0.5, -0.5], [0.5, -0.5]])
+    for mode in ("none", "anchor"):
+        taus = group_thresholds(thr, advantages, mask, 2, threshold=mode, positive_mask=positive)
+        assert math.isnan(taus[0].item()) and not math.isnan(taus[1].item())
+        got = thr_weights(thr, advantages, mask, 2, strategy="positive-amplify", p=0.5,
+                          taus=torch.tensor([-math.inf, -math.inf]), positive_mask=positive)
+        torch.testing.assert_close(got[:2], torch.ones(2, 2))  # the inactive group keeps weight 1
+        torch.testing.assert_close(got[2:], torch.tensor([[1.5, 0.5], [1.5, 0.5]]))
+
+
+def test_anchor_mean_of_a_one_token_row_is_its_thr():
+    thr = torch.tensor([[0.4, 9.0], [0.1, 0.2]])
+    taus = group_thresholds(thr, torch.tensor([1.0, -1.0]), torch.tensor([[1, 0], [1, 1]]), 2)
+    assert taus.tolist() == pytest.approx([0.4])
+
+
+def test_batch_quantile_of_a_single_token_keeps_it():
+    thr = torch.tensor([[0.3, 0.0], [0.7, 0.0]])
+    advantages = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 0], [0, 0]])  # one counted token in the whole batch
+    taus = group_thresholds(thr, advantages, mask, 2, threshold="quantile", quantile=0.5, quantile_scope="batch")
+    assert taus.tolist() == [-math.inf]
+
+
+def test_thresholds_are_float32_whatever_the_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        taus = group_thresholds(THR.double(), ADV.double(), MASK, 3)
+    finally:
+        torch.set_default_dtype(default)
+    assert taus.dtype == torch.float32
+
+
+def test_nthr_penalises_only_negative_advantages_strictly_below_minus_tau():
+    thr = torch.tensor([[-0.5, -0.5], [-0.5, -0.3], [-0.5, -0.5]])
+    advantages = torch.tensor([0.5, -0.5, 0.0])  # one group of 3: positive, negative, zero
+    mask = torch.ones(3, 2)
+    got = thr_weights(thr, advantages, mask, 3, strategy="nthr", taus=torch.tensor([0.3]))
+    eta = 2 * abs(0.5 - 1 / 3)
+    # THR = -0.3 sits on -tau and is not below it; the positive and the zero-advantage rows are never penalised
+    torch.testing.assert_close(got, torch.tensor([[1.0, 1.0], [eta, 1.0], [1.0, 1.0]]))
+
+
+def test_a_zero_thr_token_keeps_weight_one_when_every_token_is_dominant():
+    thr = torch.tensor([[0.0, 0.2], [-0.2, 0.0]])
+    got = thr_weights(thr, torch.tensor([1.0, -1.0]), torch.ones(2, 2), 2, strategy="positive-amplify", p=0.3,
+                      taus=torch.tensor([-math.inf]))
+    torch.testing.assert_close(got, torch.tensor([[1.0, 1.3], [0.7, 1.0]]))
+
+
+@pytest.mark.parametrize("function", ["group_thresholds", "thr_weights"])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(thr=torch.zeros(5, 3), mask=torch.ones(5, 3)), r"^thr has 5 rows, which is not a multiple"),
+        (dict(advantages=torch.zeros(5)), r"^advantages must have shape \(6,\), got \(5,\)"),
+        (dict(mask=torch.ones(6, 2)), r"^completion_mask must have shape \(6, 3\), got \(6, 2\)"),
+        (dict(positive_mask=torch.ones(4)), r"^positive_mask must have shape \(6,\), got \(4,\)"),
+    ],
+)
+def test_shape_errors_name_the_argument(function, change, message):
+    thr, advantages, mask = change.get("thr", THR), change.get("advantages", ADV), change.get("mask", MASK)
+    kwargs = dict(positive_mask=change.get("positive_mask"))
+    if function == "thr_weights":
+        kwargs.update(strategy="dominant-only", taus=torch.zeros(thr.size(0) // 3))
+    with pytest.raises(ValueError, match=message):
+        call = {"group_thresholds": group_thresholds, "thr_weights": thr_weights}[function]
+        call(thr, advantages, mask, 3, **kwargs)
+
+
+def test_threshold_argument_errors_say_what_is_needed():
+    with pytest.raises(ValueError, match=r"^taus must have shape \(2,\), got \(3,\)"):
+        thr_weights(THR, ADV, MASK, 3, strategy="positive-amplify", taus=torch.zeros(3))
+    with pytest.raises(ValueError, match=r'^threshold="absolute" needs tau \(a float'):
+        group_thresholds(THR, ADV, MASK, 3, threshold="absolute")
+    with pytest.raises(ValueError, match=r'^threshold="quantile" needs quantile in \(0, 1\], got 0'):
+        group_thresholds(THR, ADV, MASK, 3, threshold="quantile", quantile=0)
+
+
+def test_a_constant_schedule_ignores_the_end_value():
+    assert scheduled_p(0.1, 0.5, "constant", 0.5) == 0.1
+    assert scheduled_p(0.1, 0.5, "linear", 0.5) == pytest.approx(0.3)
+
+
+def test_nthr_success_rate_counts_the_explicit_positive_set():
+    thr = torch.tensor([[0.5], [-0.5], [-0.5], [-0.5]])
+    advantages = torch.tensor([1.0, -0.5, -0.2, -0.3])
+    mask = torch.ones(4, 1)
+    taus = torch.tensor([0.1])
+    by_advantage = thr_weights(thr, advantages, mask, 4, strategy="nthr", taus=taus)  # s = 1/4, eta = 0.5
+    torch.testing.assert_close(by_advantage[:, 0], torch.tensor([1.0, 0.5, 0.5, 0.5]))
+    positive = torch.tensor([True, True, False, False])  # s = 2/4, eta = 0
+    by_set = thr_weights(thr, advantages, mask, 4, strategy="nthr", taus=taus, positive_mask=positive)
+    torch.testing.assert_close(by_set[:, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))

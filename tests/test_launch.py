@@ -179,3 +179,24 @@ def test_fsdp2_dtensor_lm_head_is_gathered(tmp_path):
     finally:
         if created:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("num_processes,expected", [(2, ["wait_for_everyone", "end_training"]), (1, ["end_training"])])
+def test_training_processes_leave_the_group_together_before_exit(num_processes, expected):
+    """Every process waits for the others, then destroys the group itself, rather than at interpreter exit."""
+    from trl_thr.cli.train import end_processes
+
+    calls = []
+
+    class Accelerator:
+        def __init__(self):
+            self.num_processes = num_processes
+
+        def wait_for_everyone(self):
+            calls.append("wait_for_everyone")
+
+        def end_training(self):
+            calls.append("end_training")
+
+    end_processes(Accelerator())
+    assert calls == expected

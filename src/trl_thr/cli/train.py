@@ -199,11 +199,13 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
 
 
 def end_processes(accelerator) -> None:
-    """Leave the process group together, once every process is done with it.
+    """Leave the process group together, once every process is done with it, while Python is still whole.
 
-    Rank 0 finishes later than the others (it writes the summary, the plot, the model and the run record). A
-    process that destroyed the group and exited while rank 0 still used it could leave rank 0 waiting on a peer
-    that is gone; the barrier makes every process destroy the group only after all of them reached the end.
+    Without this, the group is torn down during interpreter finalization, where gloo's worker threads can still
+    release the work objects (and tensors) of the last collectives while the interpreter is dismantled: a known,
+    intermittent hang or abort at exit after everything was saved (pytorch/pytorch#190489, #179291). Rank 0
+    finishes later than the others (summary, plot, model, run record), so the barrier makes every process destroy
+    the group only after all of them reached the end.
     """
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()

@@ -44,10 +44,12 @@ test: install
 # Mutation testing (not in CI; slow: tens of minutes on 2 cores). mutmut (https://github.com/boxed/mutmut) mutates
 # src/trl_thr/thr.py and thr_grpo_trainer.py ([tool.mutmut] in pyproject.toml) and runs the tests that reach each
 # mutant. MUTANTS narrows the run, e.g. MUTANTS='trl_thr.thr.x_thr_weights*'. Results: `$(BIN)/mutmut results`.
+# One thread: mutmut forks a process per mutant, and a fork of a process whose OpenMP pool has run can deadlock in
+# its first matrix product, which mutmut would count as a timeout (a kill) of a mutant that no test caught.
 MUTANTS ?=
 mutation: install
 	$(PIP) install "mutmut>=3.3,<4"
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/mutmut run $(MUTANTS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/mutmut run $(MUTANTS)
 	$(BIN)/mutmut results
 
 clean:

@@ -297,3 +297,139 @@ def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
         trainer.train()
     assert len(recorder.outputs) == 1 and trainer.vllm_generation.syncs >= 1
     assert "thr/kept_frac" in trainer.state.log_history[0]
+
+
+def test_each_metric_by_value_on_a_batch_built_by_hand(tiny_model_path, tmp_path):
+    """`_log_thr_metrics` on five groups of three whose answers are known: an active group with a zero-advantage
+    row (THR 0), an all-equal group, a group with no row in the positive set, an active group whose tau is
+    `-inf` (every token kept), and one more active group."""
+    trainer = ragged_trainer(tiny_model_path, tmp_path, thr_strategy="positive-amplify", thr_p=0.25)
+    G, T = 3, 4
+    thr = torch.tensor([[0.5, -0.1, 0.3, 0.0], [-0.6, 0.2, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                        [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                        [0.4, -0.4, 0.0, 0.0], [-0.2, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                        [0.7, 0.1, -0.05, 0.0], [-0.3, 0.0, 0.0, 0.0], [0.2, 0.2, 0.0, 0.0],
+                        [0.9, -0.8, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0], [-0.25, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1],
+                         [1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0],
+                         [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0],
+                         [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0],
+                         [1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+    advantages = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.5, -0.5, 0.0, 1.0, -1.0, 0.0, 1.0, -0.5, -0.5])
+    positive = torch.tensor([True, False, False, False, False, False, False, False, False,
+                             True, False, False, True, False, False])  # group 2 has advantage > 0, not in P
+    taus = torch.tensor([0.25, math.nan, math.nan, -math.inf, 0.125])  # exact in float32: no rounding at the boundary
+    weights = torch.where(mask.bool(), 1.0 + 0.25 * thr.sign(), 0.0)
+    trainer._log_thr_metrics("train", thr, weights, taus, advantages, mask, G, positive, 0.25, seconds=3.0,
+                             forward_seconds=5.0)
+
+    active_rows = [0, 1, 2, 9, 10, 11, 12, 13, 14]  # groups 0, 3 and 4
+    counted = [(row, t) for row in active_rows for t in range(T) if mask[row, t]]
+    values = [thr[row, t].item() for row, t in counted]
+    row_tau = {0: 0.25, 1: 0.25, 2: 0.25, 9: -math.inf, 10: -math.inf, 11: -math.inf, 12: 0.125, 13: 0.125, 14: 0.125}
+    expected = {
+        "thr/kept_frac": sum(abs(thr[row, t].item()) > row_tau[row] for row, t in counted) / len(counted),
+        "thr/pos_frac": sum(v > 0 for v in values) / len(counted),
+        "thr/neg_frac": sum(v < 0 for v in values) / len(counted),
+        "thr/mean_weight": weights[mask.bool()].sum().item() / mask.sum().item(),
+        "thr/tau": (0.25 + 0.125) / 2,  # the -inf of group 3 and the NaN of skipped groups are left out
+        "thr/abs_mean": sum(abs(v) for v in values) / len(counted),
+        "thr/groups_skipped_frac": 2 / 5,
+        "thr/p": 0.25,
+        "thr/seconds": 3.0,
+        "thr/forward_seconds": 5.0,
+    }
+    assert expected["thr/pos_frac"] + expected["thr/neg_frac"] < 1  # zero-THR tokens count as neither
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_p_is_logged_only_by_the_strategies_that_use_it(tiny_model_path, tmp_path):
+    for strategy, logs_p in (("negative-amplify", True), ("dominant-only", False), ("nthr", False)):
+        trainer = ragged_trainer(tiny_model_path, tmp_path / strategy, thr_strategy=strategy, thr_p=0.2,
+                                 thr_threshold="none")
+        generate(trainer, tiny_model_path)
+        assert ("thr/p" in trainer._metrics["train"]) is logs_p, strategy
+        if logs_p:
+            assert trainer._metrics["train"]["thr/p"] == [0.2]
+
+
+def test_weights_from_config_passes_every_threshold_field():
+    """Each `thr_*` threshold field, the positive set and the gather reach `group_thresholds` and `thr_weights`:
+    the config's result equals the explicit call, and differs from the result without that field."""
+    from trl_thr.thr import group_thresholds, thr_weights
+    from trl_thr.thr_grpo_trainer import weights_from_config
+
+    gen = torch.Generator().manual_seed(0)
+    thr = torch.rand(8, 5, generator=gen) * 2 - 0.5  # row means near 0.5: beta moves the anchor
+    mask = torch.ones(8, 5)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, 1.0, -1.0, -1.0])
+    positive = torch.tensor([True, True, False, False, False, True, False, False])
+
+    def gather(values):  # another process's values, all large: they move a batch quantile
+        return torch.cat([values, torch.full((40,), 10.0)])
+
+    def explicit(strategy, p, positive_mask=None, gather_values=None, **threshold):
+        taus = group_thresholds(thr, advantages, mask, 2, positive_mask=positive_mask, gather_values=gather_values,
+                                **threshold)
+        return thr_weights(thr, advantages, mask, 2, strategy=strategy, p=p, taus=taus, positive_mask=positive_mask)
+
+    cases = [
+        (dict(thr_threshold="anchor", thr_beta=0.3), dict(threshold="anchor", beta=0.3), dict(threshold="anchor")),
+        (dict(thr_threshold="absolute", thr_tau=0.8), dict(threshold="absolute", tau=0.8),
+         dict(threshold="absolute", tau=0.0)),
+        (dict(thr_threshold="quantile", thr_quantile=0.5, thr_quantile_scope="batch"),
+         dict(threshold="quantile", quantile=0.5, quantile_scope="batch"),
+         dict(threshold="quantile", quantile=0.5)),
+    ]
+    for fields, threshold, without_field in cases:
+        args = THRGRPOConfig(output_dir="unused", thr_strategy="positive-amplify", thr_p=0.3, **fields, **CPU)
+        for positive_mask, gather_values in ((None, None), (positive, gather)):
+            weights, _ = weights_from_config(args, thr, advantages, mask, 2, p=0.3, positive_mask=positive_mask,
+                                             gather_values=gather_values)
+            expected = explicit("positive-amplify", 0.3, positive_mask, gather_values, **threshold)
+            assert torch.equal(weights, expected), fields
+            assert not torch.equal(weights, explicit("positive-amplify", 0.3, positive_mask, gather_values,
+                                                     **without_field)), f"{fields}: the case cannot tell"
+        assert not torch.equal(explicit("positive-amplify", 0.3, positive, gather, **threshold),
+                               explicit("positive-amplify", 0.3, None, gather, **threshold)), "positive set"
+    quantile = dict(threshold="quantile", quantile=0.5, quantile_scope="batch")
+    assert not torch.equal(explicit("positive-amplify", 0.3, None, gather, **quantile),
+                           explicit("positive-amplify", 0.3, None, None, **quantile)), "gather"
+
+
+def test_the_kernel_gets_the_config_and_the_head(tiny_model_path, tmp_path):
+    """`thr_include_self`, `thr_block_elements`, `thr_log_normaliser` and the head's bias reach `compute_thr`."""
+    for normaliser in ("trainer", "exact"):
+        trainer = ragged_trainer(tiny_model_path, tmp_path / normaliser, thr_include_self=False,
+                                 thr_block_elements=12345, thr_log_normaliser=normaliser)
+        head = trainer.model.get_output_embeddings()
+        head.bias = torch.nn.Parameter(torch.linspace(-1, 1, head.out_features))
+        _, recorder = generate(trainer, tiny_model_path)
+        (kwargs,) = recorder.kwargs
+        assert kwargs["include_self"] is False and kwargs["block_elements"] == 12345
+        assert torch.equal(kwargs["lm_head_bias"], head.bias.detach())
+        assert (kwargs["token_logprobs"] is None) is (normaliser == "exact")
+
+
+def test_a_thr_failure_raises_one_clear_error(tiny_model_path, tmp_path, monkeypatch):
+    import trl_thr.thr_grpo_trainer as trainer_module
+    from trl_thr.thr_grpo_trainer import THRComputationError
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    trainer = ragged_trainer(tiny_model_path, tmp_path)
+    monkeypatch.setattr(trainer_module, "compute_thr", out_of_memory)
+    with pytest.raises(THRComputationError, match=r"^THR failed on 1 of 1 process\(es\), on this process: "
+                                                  r"RuntimeError: out of memory \(simulated\)\. For an out-of-memory"):
+        trainer._generate_and_score_completions(two_prompts(tiny_model_path))
+
+
+def test_a_batch_of_partial_groups_is_refused_with_the_fix(tiny_model_path, tmp_path):
+    trainer = ragged_trainer(tiny_model_path, tmp_path)
+    message = (r"^THR needs whole groups on each process, but this process holds 6 completions, not a multiple of "
+               rf"num_generations={NUM_GENERATIONS}\. Set per_device_train_batch_size \(times steps_per_generation "
+               r"in training\) to a multiple of num_generations\.$")
+    with pytest.raises(ValueError, match=message):
+        trainer._compute_thr({"advantages": torch.zeros(6)}, None, None, None)

@@ -40,16 +40,35 @@ def active_batch(num_groups=3, num_generations=2, length=6, hidden_size=8, vocab
     return hidden, ids, mask, weight, advantages
 
 
+def watch_logit_blocks(monkeypatch):
+    """Record the number of values of every logits block the kernel computes (residuals and the normaliser)."""
+    sizes = []
+    block_logits = thr_module._block_logits
+
+    def recording(*args):
+        out = block_logits(*args)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(thr_module, "_block_logits", recording)
+    return sizes
+
+
 @pytest.mark.parametrize("include_self", [True, False])
 @pytest.mark.parametrize("vocab", ["sampled", "full"])
+@pytest.mark.parametrize("hidden_size", [8, 2])
 @pytest.mark.parametrize("block_elements", [1, 3, 8, 30, 100, 333, 1000, 10**6])
-def test_residual_and_influence_blocks_stay_within_the_budget(block_elements, vocab, include_self, monkeypatch):
-    num_generations, hidden_size = 2, 8
+def test_residual_and_influence_blocks_stay_within_the_budget(block_elements, hidden_size, vocab, include_self,
+                                                              monkeypatch):
+    num_generations = 2
     hidden, ids, mask, weight, advantages = active_batch(num_generations=num_generations, hidden_size=hidden_size)
-    calls = watch_residuals(monkeypatch)
-    compute_thr(hidden, ids, mask, weight, advantages, num_generations, vocab=vocab, include_self=include_self,
-                block_elements=block_elements)
-    assert calls
+    calls, logit_blocks = watch_residuals(monkeypatch), watch_logit_blocks(monkeypatch)
+    # without the trainer's log-probs the normaliser streams the vocabulary in blocks too
+    for logprobs in (true_logprobs(hidden, ids, weight), None):
+        compute_thr(hidden, ids, mask, weight, advantages, num_generations, vocab=vocab, include_self=include_self,
+                    token_logprobs=logprobs, block_elements=block_elements)
+    assert calls and logit_blocks
+    assert max(logit_blocks) <= max(block_elements, num_generations)
     # M holds one matrix per group (include_self) or, per row, its share and what it receives (2 x G matrices)
     matrices = 1 if include_self else 2 * num_generations
     for _, _, _, (groups, rows, positions, columns) in calls:

@@ -299,7 +299,7 @@ def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
     assert "thr/kept_frac" in trainer.state.log_history[0]
 
 
-def test_each_metric_by_value_on_a_batch_built_by_hand(tiny_model_path, tmp_path):
+def test_each_metric_by_value_on_a_batch_built_by_hand(tiny_model_path, tmp_path, monkeypatch):
     """`_log_thr_metrics` on five groups of three whose answers are known: an active group with a zero-advantage
     row (THR 0), an all-equal group, a group with no row in the positive set, an active group whose tau is
     `-inf` (every token kept), and one more active group."""
@@ -343,6 +343,42 @@ def test_each_metric_by_value_on_a_batch_built_by_hand(tiny_model_path, tmp_path
     logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
     assert logged == pytest.approx(expected, rel=1e-6)
 
+    # Two processes holding the same batch: the counts double, every fraction and the mean times stay the same.
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda tensor, reduction="sum": tensor * 2)
+    trainer._log_thr_metrics("train", thr, weights, taus, advantages, mask, G, positive, 0.25, seconds=3.0,
+                             forward_seconds=5.0)
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_thr_seconds_add_the_kernel_and_the_weights(tiny_model_path, tmp_path, monkeypatch):
+    """`thr/seconds` is the time of THR and of its weights; `thr/forward_seconds` that of getting the states."""
+    trainer = ragged_trainer(tiny_model_path, tmp_path)
+    monkeypatch.setattr(trainer, "_seconds_since", lambda start: 1.5)  # every timed stretch takes 1.5 s
+    generate(trainer, tiny_model_path)
+    assert trainer._metrics["train"]["thr/seconds"] == [3.0]
+    assert trainer._metrics["train"]["thr/forward_seconds"] == [1.5]
+
+
+def correct_if_one_token(completion_ids, **kwargs):
+    return [float(len(ids) < 2) for ids in completion_ids]
+
+
+@pytest.mark.parametrize("func", ["correct_if_one_token", None], ids=["one-function", "weighted-sum"])
+def test_a_group_without_a_rewarded_completion_keeps_weight_one(func, tiny_model_path, tmp_path):
+    """Only the first group has a one-token completion: under the reward threshold the second group has no
+    positive completion, so THR leaves it alone (weight 1, a skipped group), although some of its advantages
+    are > 0. The weighted sum counts `reward_weights`."""
+    trainer = ragged_trainer(tiny_model_path, tmp_path, reward_funcs=[length_of_completion, correct_if_one_token],
+                             thr_positive_reward_threshold=1.0 if func else 4.0, thr_positive_reward_func=func,
+                             reward_weights=[0.25, 4.0])
+    batch, _ = generate(trainer, tiny_model_path)
+    mask = batch["completion_mask"].float()
+    assert (batch["advantages"][4:] > 0).any()
+    assert torch.equal(batch["thr_weights"][4:], mask[4:])
+    assert not torch.equal(batch["thr_weights"][:4], mask[:4])
+    assert trainer._metrics["train"]["thr/groups_skipped_frac"] == [0.5]
+
 
 def test_p_is_logged_only_by_the_strategies_that_use_it(tiny_model_path, tmp_path):
     for strategy, logs_p in (("negative-amplify", True), ("dominant-only", False), ("nthr", False)):
@@ -385,10 +421,13 @@ def test_weights_from_config_passes_every_threshold_field():
     for fields, threshold, without_field in cases:
         args = THRGRPOConfig(output_dir="unused", thr_strategy="positive-amplify", thr_p=0.3, **fields, **CPU)
         for positive_mask, gather_values in ((None, None), (positive, gather)):
-            weights, _ = weights_from_config(args, thr, advantages, mask, 2, p=0.3, positive_mask=positive_mask,
-                                             gather_values=gather_values)
+            weights, taus = weights_from_config(args, thr, advantages, mask, 2, p=0.3, positive_mask=positive_mask,
+                                                gather_values=gather_values)
             expected = explicit("positive-amplify", 0.3, positive_mask, gather_values, **threshold)
             assert torch.equal(weights, expected), fields
+            expected_taus = group_thresholds(thr, advantages, mask, 2, positive_mask=positive_mask,
+                                             gather_values=gather_values, **threshold)
+            torch.testing.assert_close(taus, expected_taus, equal_nan=True, rtol=0, atol=0)
             assert not torch.equal(weights, explicit("positive-amplify", 0.3, positive_mask, gather_values,
                                                      **without_field)), f"{fields}: the case cannot tell"
         assert not torch.equal(explicit("positive-amplify", 0.3, positive, gather, **threshold),

@@ -368,10 +368,11 @@ def correct_if_one_token(completion_ids, **kwargs):
 def test_a_group_without_a_rewarded_completion_keeps_weight_one(func, tiny_model_path, tmp_path):
     """Only the first group has a one-token completion: under the reward threshold the second group has no
     positive completion, so THR leaves it alone (weight 1, a skipped group), although some of its advantages
-    are > 0. The weighted sum counts `reward_weights`."""
+    are > 0 (were it taken as active, its THR of 0 would fall under the anchor and get weight 0). The weighted sum
+    counts `reward_weights`."""
     trainer = ragged_trainer(tiny_model_path, tmp_path, reward_funcs=[length_of_completion, correct_if_one_token],
                              thr_positive_reward_threshold=1.0 if func else 4.0, thr_positive_reward_func=func,
-                             reward_weights=[0.25, 4.0])
+                             reward_weights=[0.25, 4.0], thr_strategy="dominant-only", thr_threshold="anchor")
     batch, _ = generate(trainer, tiny_model_path)
     mask = batch["completion_mask"].float()
     assert (batch["advantages"][4:] > 0).any()

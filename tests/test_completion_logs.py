@@ -68,6 +68,15 @@ def test_completions_table_carries_thr(tiny_model_path, tmp_path):
     assert len(heatmaps) == 1 and "THR of one group" in heatmaps[0].read_text()
 
 
+def test_completions_table_counts_only_groups_with_a_positive_completion(tiny_model_path, tmp_path):
+    """A reward threshold no completion reaches leaves every group without a positive completion: THR applies to
+    none, so no token is dominant, whatever the advantages."""
+    trainer, _ = train_with_completions(tiny_model_path, tmp_path, thr_positive_reward_threshold=1e9)
+    trainer.train()
+    table = pd.read_parquet(next((tmp_path / "completions").glob("*.parquet")))
+    assert table["thr_dominant_frac"].tolist() == [0.0] * len(table)
+
+
 class FakeTracker:
     """Stands in for wandb: an active run, Table and Html."""
 

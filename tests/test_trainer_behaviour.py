@@ -473,3 +473,16 @@ def test_a_batch_of_partial_groups_is_refused_with_the_fix(tiny_model_path, tmp_
                r"in training\) to a multiple of num_generations\.$")
     with pytest.raises(ValueError, match=message):
         trainer._compute_thr({"advantages": torch.zeros(6)}, None, None, None)
+
+
+def length_unless_three_tokens(completion_ids, **kwargs):
+    return [None if len(ids) == 3 else float(len(ids)) for ids in completion_ids]
+
+
+def test_a_completion_without_any_reward_is_never_positive(tiny_model_path, tmp_path):
+    """Every reward function gave `None` for the 3-token completion: it stays out of the positive set even under a
+    threshold that every reward passes."""
+    trainer = ragged_trainer(tiny_model_path, tmp_path, reward_funcs=[length_unless_three_tokens],
+                             thr_positive_reward_threshold=-1.0)
+    generate(trainer, tiny_model_path)
+    assert trainer._positive_mask(len(LENGTHS)).tolist() == [length != 3 for length in LENGTHS]

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from thr_reference import LENGTHS, KernelRecorder, ragged_trainer, two_prompts  # noqa: E402
+from trl_thr.cli.train import end_processes  # noqa: E402
 
 THRESHOLD = 5.0
 QUANTILE = 0.4
@@ -46,6 +47,7 @@ def main(model_path, output_dir):
         },
         Path(output_dir) / f"metrics-rank{rank}.pt",
     )
+    end_processes(trainer)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 saves its generation batch (before TRL's shuffle) with the THR weights it computed."""
 
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import length_reward, same_length_dataset  # noqa: E402
 
 from trl_thr import THRGRPOConfig, THRGRPOTrainer  # noqa: E402
+from trl_thr.cli.train import end_processes  # noqa: E402
 
 
 def config(output_dir):
@@ -36,9 +38,11 @@ def main(model_path, output_dir):
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save(trainer.state.log_history, Path(output_dir) / "log_history.pt")
-    # Leave the process group together once both ranks are done (see trl_thr.cli.train.end_processes).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    # Leave and free the process group as `trl-thr train` does; the DDP wrapper must be gone with it.
+    rank, wrapper = trainer.accelerator.process_index, weakref.ref(trainer.model_wrapped)
+    assert type(wrapper()).__name__ == "DistributedDataParallel"
+    end_processes(trainer)
+    (Path(output_dir) / f"wrapper-freed-rank{rank}").write_text(str(wrapper() is None))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from tiny import length_reward, same_length_dataset  # noqa: E402
 
 import trl_thr.thr_grpo_trainer as thr_grpo_trainer  # noqa: E402
 from trl_thr import THRGRPOTrainer  # noqa: E402
+from trl_thr.cli.train import end_processes  # noqa: E402
 
 
 def main(model_path, output_dir):
@@ -27,6 +28,8 @@ def main(model_path, output_dir):
     except thr_grpo_trainer.THRComputationError as error:
         (Path(output_dir) / f"error-rank{rank}.txt").write_text(str(error))
         raise
+    finally:
+        end_processes(trainer)  # both ranks fail at the same step, so both get here
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def test_two_processes_match_one(tiny_model_path, tmp_path):
     assert 0 < kept < 1, "the batch quantile kept everything or nothing: the comparison would be trivial"
     logs = torch.load(tmp_path / "log_history.pt")
     assert "thr/kept_frac" in logs[0]
+    # the group's last owner is not DDP's reducer (see end_processes): the wrapper is freed on both ranks
+    assert [(tmp_path / f"wrapper-freed-rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
 
 
 TINY_CONFIG = str(HERE.parent / "examples" / "configs" / "tiny_cpu.yaml")

@@ -181,9 +181,13 @@ def test_fsdp2_dtensor_lm_head_is_gathered(tmp_path):
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("num_processes,expected", [(2, ["wait_for_everyone", "end_training"]), (1, ["end_training"])])
+@pytest.mark.parametrize(
+    "num_processes,expected",
+    [(2, ["wait_for_everyone", "end_training", "free_memory"]), (1, ["end_training"])],
+)
 def test_training_processes_leave_the_group_together_before_exit(num_processes, expected):
-    """Every process waits for the others, then destroys the group itself, rather than at interpreter exit."""
+    """Every process waits for the others, destroys the group itself rather than at interpreter exit, and frees the
+    DDP wrapper before the last handle on the group goes."""
     from trl_thr.cli.train import end_processes
 
     calls = []
@@ -198,5 +202,14 @@ def test_training_processes_leave_the_group_together_before_exit(num_processes, 
         def end_training(self):
             calls.append("end_training")
 
-    end_processes(Accelerator())
+        def free_memory(self):
+            calls.append("free_memory")
+
+    class Trainer:
+        accelerator = Accelerator()
+        model = object()
+        model_wrapped = object()
+
+    end_processes(Trainer)
     assert calls == expected
+    assert (Trainer.model_wrapped is Trainer.model) is (num_processes > 1)

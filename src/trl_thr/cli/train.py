@@ -194,22 +194,40 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
     if trainer.accelerator.is_main_process:
         save_run_config(Path(training_args.output_dir), script_args, model_args, training_args, launch_args, template,
                         model_path, trainer.state.global_step)
-    end_processes(trainer.accelerator)
+    end_processes(trainer)
     return trainer
 
 
-def end_processes(accelerator) -> None:
-    """Leave the process group together, once every process is done with it, while Python is still whole.
+def end_processes(trainer) -> None:
+    """Leave the process group together, once every process is done with it, and free it without a deadlock.
 
-    Without this, the group is torn down during interpreter finalization, where gloo's worker threads can still
-    release the work objects (and tensors) of the last collectives while the interpreter is dismantled: a known,
-    intermittent hang or abort at exit after everything was saved (pytorch/pytorch#190489, #179291). Rank 0
-    finishes later than the others (summary, plot, model, run record), so the barrier makes every process destroy
-    the group only after all of them reached the end.
+    Two ways a finished multi-process run can hang instead of exiting, both seen with gloo on CPU:
+
+    - left to interpreter exit, the group is torn down while Python is being dismantled;
+    - the last owner of the group is DDP's C++ reducer, freed with the trainer while holding the GIL: the group's
+      destructor then joins gloo's worker threads, one of which is still freeing the tensors of the last
+      collective and waits for the GIL (py-spy: `~Reducer` -> `~ProcessGroupGloo` -> `thread::join` on the main
+      thread, `~AsyncBarrierWork` -> `gil_scoped_acquire` on the worker).
+
+    So: a barrier (rank 0 finishes later: summary, plot, model, run record), then the group is destroyed, the DDP
+    wrapper is freed while a Python handle still holds the group, and the handle drops it last; torch releases the
+    GIL when a Python handle destroys a group, so gloo's threads can finish.
     """
-    if accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-    accelerator.end_training()  # Trainer.end() in transformers >= 5.18: finishes trackers, destroys the group
+    import gc
+
+    import torch.distributed as dist
+
+    accelerator = trainer.accelerator
+    if accelerator.num_processes == 1:
+        accelerator.end_training()  # Trainer.end() in transformers >= 5.18: finishes trackers
+        return
+    accelerator.wait_for_everyone()
+    group = dist.group.WORLD  # a Python handle on the group, dropped at the end of this function
+    accelerator.end_training()  # finishes trackers, destroys the group (the handle keeps it alive)
+    trainer.model_wrapped = trainer.model  # the DDP wrapper's other owners: the trainer and the accelerator
+    accelerator.free_memory()
+    gc.collect()  # the wrapper sits in reference cycles
+    del group
 
 
 def main(argv: list[str] | None = None):

@@ -169,11 +169,7 @@ class THRGRPOTrainer(GRPOTrainer):
         seconds spent getting them after generation)`."""
         if compat.trl_computes_old_logps(self):
             capture = compat.BackboneCapture()
-            self._old_policy_capture = capture
-            try:
-                batch = super()._generate_and_score_completions(inputs)
-            finally:
-                self._old_policy_capture = None
+            batch = self._generate_recording_into("_old_policy_capture", capture, inputs)
             start = time.perf_counter()
             hidden_states, token_logprobs = capture.hidden_states(), batch.get("old_per_token_logps")
             if hidden_states is None or token_logprobs is None:
@@ -185,11 +181,7 @@ class THRGRPOTrainer(GRPOTrainer):
         # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR records
         # what it needs during generation, or runs its own no-grad forward, and leaves TRL's ratio alone.
         capture = self._generation_capture_for_batch()
-        self._generation_capture = capture
-        try:
-            batch = super()._generate_and_score_completions(inputs)
-        finally:
-            self._generation_capture = None
+        batch = self._generate_recording_into("_generation_capture", capture, inputs)
         start = time.perf_counter()
         recorded = None if capture is None else self._align_generation_capture(capture, batch)
         if capture is not None and not self._on_every_process(recorded is not None):
@@ -202,6 +194,14 @@ class THRGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["thr/own_forward"].append(float(recorded is None))
         return batch, hidden_states, token_logprobs, self._seconds_since(start)
+
+    def _generate_recording_into(self, attribute: str, capture, inputs) -> dict:
+        """GRPOTrainer's batch, with `capture` set as `attribute` for the hooks below while it is generated."""
+        setattr(self, attribute, capture)
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            setattr(self, attribute, None)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         # Only the first call of a generation batch is recorded: tool turns call it again with other prompts.

@@ -28,14 +28,33 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = {
-    # arm name -> (thr_strategy, sign of thr_p)
-    "grpo": ("none", 0.0),
-    "positive-amplify": ("positive-amplify", 1.0),
-    "negative-amplify": ("negative-amplify", -1.0),
-    "dominant-only": ("dominant-only", 0.0),
-}
+# Arms without a `:p` suffix; `strategy:p` (e.g. `amplify:-0.25`) gives any strategy its own p.
+NAMED_ARMS = ("grpo", "positive-amplify", "negative-amplify", "amplify", "dominant-only", "nthr")
 OPERATIONS = ("add", "sub", "mul")
+
+
+def parse_arm(arm: str, default_p: float) -> tuple[str, float]:
+    """`(thr_strategy, thr_p)` of an arm: `grpo` is `thr_strategy none`; a strategy name takes `--thr_p` (with the
+    strategy's own sign rule, `trl_thr.thr.signed_p`); `strategy:p` takes `p` as written."""
+    from trl_thr.thr import STRATEGIES, STRATEGIES_USING_P, signed_p
+
+    name, _, written_p = arm.partition(":")
+    strategy = "none" if name == "grpo" else name
+    if strategy not in STRATEGIES:
+        raise ValueError(f"arm {arm!r}: {name!r} is neither 'grpo' nor a thr_strategy {STRATEGIES}.")
+    if not written_p:
+        return strategy, signed_p(strategy, default_p)
+    if strategy not in STRATEGIES_USING_P:
+        raise ValueError(f"arm {arm!r}: {name!r} does not use p; write it without ':p'.")
+    try:
+        return strategy, float(written_p)
+    except ValueError:
+        raise ValueError(f"arm {arm!r}: {written_p!r} after ':' is not a number (e.g. amplify:-0.25).") from None
+
+
+def run_name(arm: str, seed: int) -> str:
+    """The directory and record name of one run, e.g. `amplify_p-0.25-s3` (no ':' in file names)."""
+    return f"{arm.replace(':', '_p')}-s{seed}"
 
 
 def write_json_atomic(path: Path, payload) -> None:
@@ -288,14 +307,14 @@ def run_logged(command: list[str], log: Path) -> float:
 
 
 def train_config(args, arm: str, seed: int, base_path: str, task: dict, output_dir: Path) -> dict:
-    strategy, sign = ARMS[arm]
+    strategy, p = parse_arm(arm, args.thr_p)
     config = {
         "model_name_or_path": base_path,
         "dataset_name": task["train"],
         "prompt_template": args.prompt_template,
         "reward_funcs": ["accuracy"],
         "thr_strategy": strategy,
-        "thr_p": sign * args.thr_p if sign else args.thr_p,
+        "thr_p": p,
         "output_dir": str(output_dir),
         "max_steps": args.steps,
         "per_device_train_batch_size": args.prompts_per_step * args.num_generations,
@@ -348,7 +367,7 @@ def run_one(args, root: Path, arm: str, seed: int, base: dict, task: dict, prove
     """Train and evaluate one (arm, seed); the finished record, or `None` if another worker is running it."""
     import yaml
 
-    run_dir = root / "runs" / f"{arm}-s{seed}"
+    run_dir = root / "runs" / run_name(arm, seed)
     record_path = run_dir / "record.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
@@ -372,8 +391,8 @@ def run_one(args, root: Path, arm: str, seed: int, base: dict, task: dict, prove
                    "--k_values", *[str(k) for k in args.k_values], "--temperature", str(args.temperature),
                    "--max_new_tokens", str(args.max_completion_length), "--backend", "transformers",
                    "--batch_size", str(args.n_samples), "--seed", "0", "--output_dir", str(eval_dir),
-                   "--run_name", f"{arm}-s{seed}"), log)
-    evaluation = json.loads((eval_dir / f"{arm}-s{seed}.json").read_text())
+                   "--run_name", run_name(arm, seed)), log)
+    evaluation = json.loads((eval_dir / f"{run_name(arm, seed)}.json").read_text())
     record = {
         "arm": arm, "seed": seed, "train_config": config, "train_seconds": trained["seconds"],
         "eval_seconds": round(time.time() - started, 1), "metrics": evaluation["metrics"],
@@ -437,7 +456,7 @@ def parse_args(argv=None):
     parser.add_argument("--sft_lr", type=float, default=1e-3)
     parser.add_argument("--sft_batch_size", type=int, default=64)
     parser.add_argument("--arms", nargs="+", default=["grpo", "positive-amplify", "negative-amplify"],
-                        choices=list(ARMS))
+                        help=f"Arms: one of {NAMED_ARMS} (p from --thr_p), or strategy:p, e.g. amplify:-0.25.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--thr_p", type=float, default=0.1, help="|p| of the amplify arms.")
@@ -456,6 +475,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for arm in args.arms:  # refuse a misspelt arm before any work
+        try:
+            parse_arm(arm, args.thr_p)
+        except ValueError as error:
+            raise SystemExit(f"--arms: {error}") from None
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     provenance = source_provenance()

@@ -30,6 +30,8 @@ THRESHOLD_MODES = ("anchor", "quantile", "absolute", "none")
 QUANTILE_SCOPES = ("group", "batch")
 VOCAB_MODES = ("sampled", "full")
 P_SCHEDULES = ("constant", "linear", "cosine")
+# The strategies whose weights read p: `positive-amplify` takes |p|, `negative-amplify` -|p|, `amplify` p as given.
+STRATEGIES_USING_P = ("positive-amplify", "negative-amplify", "amplify")
 
 # Largest block (tokens x vocabulary, or influence rows x d) the kernel holds at once: 2**24 float32 values are 64 MiB.
 DEFAULT_BLOCK_ELEMENTS = 2**24
@@ -519,6 +521,19 @@ def top_fraction_threshold(values: torch.Tensor, fraction: float) -> float:
     return torch.kthvalue(values.float(), count - keep).values.item()
 
 
+def signed_p(strategy: str, p: float) -> float:
+    """The `p` that `strategy`'s weights `dominant * (1 + p sign(THR))` use: `|p|` for `"positive-amplify"`
+    (exploitation), `-|p|` for `"negative-amplify"` (exploration), `p` with its own sign for `"amplify"`, and 0 for
+    the strategies that do not read `p`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    if strategy == "positive-amplify":
+        return abs(p)
+    if strategy == "negative-amplify":
+        return -abs(p)
+    return p if strategy == "amplify" else 0.0
+
+
 def thr_weights(
     thr: torch.Tensor,
     advantages: torch.Tensor,
@@ -573,11 +588,8 @@ def thr_weights(
         eta = (2 * (0.5 - success).abs()).repeat_interleave(num_generations).unsqueeze(1)
         penalised = (advantages < 0).unsqueeze(1) & (thr < -row_tau) & completion_mask.bool()
         weights = torch.where(penalised, eta, ones)
-    elif strategy == "dominant-only":
-        weights = dominant
-    else:
-        signed_p = {"positive-amplify": abs(p), "negative-amplify": -abs(p), "amplify": p}[strategy]
-        weights = dominant * (1 + signed_p * sign)
+    else:  # dominant-only reads p as 0: the mask alone
+        weights = dominant * (1 + signed_p(strategy, p) * sign)
 
     return torch.where(active_tokens(advantages, completion_mask, num_generations, positive_mask), weights, ones)
 

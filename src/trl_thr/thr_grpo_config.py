@@ -3,7 +3,15 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .thr import DEFAULT_BLOCK_ELEMENTS, P_SCHEDULES, QUANTILE_SCOPES, STRATEGIES, THRESHOLD_MODES, VOCAB_MODES
+from .thr import (
+    DEFAULT_BLOCK_ELEMENTS,
+    P_SCHEDULES,
+    QUANTILE_SCOPES,
+    STRATEGIES,
+    STRATEGIES_USING_P,
+    THRESHOLD_MODES,
+    VOCAB_MODES,
+)
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 LOG_NORMALISERS = ("trainer", "exact")
@@ -189,7 +197,6 @@ class THRGRPOConfig(GRPOConfig):
             value = getattr(self, name)
             if value is not None and not abs(value) < 1:
                 raise ValueError(f"{name}={value}: |p| must be < 1 so that every token weight stays >= 0.")
-        uses_p = self.thr_strategy in ("positive-amplify", "negative-amplify", "amplify")
         if self.thr_p_schedule == "constant" and self.thr_p_end is not None:
             raise ValueError(
                 f"thr_p_end={self.thr_p_end} is set but thr_p_schedule='constant' ignores it. Set "
@@ -200,10 +207,10 @@ class THRGRPOConfig(GRPOConfig):
                 raise ValueError(
                     f"thr_p_schedule={self.thr_p_schedule!r} needs thr_p_end, the value of p at the end of training."
                 )
-            if not uses_p:
+            if self.thr_strategy not in STRATEGIES_USING_P:
                 raise ValueError(
                     f"thr_p_schedule={self.thr_p_schedule!r} has no effect with thr_strategy={self.thr_strategy!r}, "
-                    "which does not use p. Use 'positive-amplify', 'negative-amplify' or 'amplify'."
+                    f"which does not use p. Use one of {STRATEGIES_USING_P}."
                 )
 
         if self.thr_threshold == "quantile":

@@ -11,13 +11,18 @@ from . import _trl_compat as compat
 from .completion_logs import completion_columns, group_heatmap_html
 from .generation_capture import GenerationCapture, capture_unsupported_reason
 from .gspo_token import sequence_token_old_logps
-from .thr import active_groups, active_tokens, compute_thr, group_thresholds, scheduled_p, thr_weights
+from .thr import (
+    STRATEGIES_USING_P,
+    active_groups,
+    active_tokens,
+    compute_thr,
+    group_thresholds,
+    scheduled_p,
+    thr_weights,
+)
 from .thr_grpo_config import THRGRPOConfig
 
 THR_TITLE = "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning"
-
-# Strategies whose weights depend on p (the others log no `thr/p`).
-_USES_P = ("positive-amplify", "negative-amplify", "amplify")
 
 
 class THRComputationError(RuntimeError):
@@ -497,7 +502,7 @@ class THRGRPOTrainer(GRPOTrainer):
         metrics["thr/tau"].append(ratio(tau_sum, tau_count))
         metrics["thr/abs_mean"].append(ratio(abs_sum, active_count))
         metrics["thr/groups_skipped_frac"].append(ratio(skipped, groups))
-        if self.args.thr_strategy in _USES_P:
+        if self.args.thr_strategy in STRATEGIES_USING_P:  # the others log no `thr/p`
             metrics["thr/p"].append(p)
         metrics["thr/seconds"].append(seconds / processes)
         metrics["thr/forward_seconds"].append(forward_seconds / processes)

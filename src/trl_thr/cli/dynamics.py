@@ -20,6 +20,7 @@ from itertools import combinations
 
 import torch
 
+from ..thr import signed_p
 from .analysis import GroupBatch, token_thr_and_entropy
 
 METRICS = ("dlogp_correct", "dlogp_incorrect", "dentropy", "mean_weight", "grad_norm")
@@ -38,11 +39,10 @@ def arm_config(arm: str, *, p: float, num_generations: int, threshold: str = "an
     from trl_thr.thr_grpo_config import THRGRPOConfig
 
     strategy = arm_strategy(arm)
-    signed_p = -abs(p) if strategy == "negative-amplify" else abs(p) if strategy == "positive-amplify" else p
     return THRGRPOConfig(
         output_dir=output_dir, report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False,
         per_device_train_batch_size=num_generations, num_generations=num_generations,
-        thr_strategy=strategy, thr_p=signed_p, thr_threshold=threshold, thr_beta=beta, thr_quantile=quantile,
+        thr_strategy=strategy, thr_p=signed_p(strategy, p), thr_threshold=threshold, thr_beta=beta, thr_quantile=quantile,
         thr_tau=tau,
     )
 

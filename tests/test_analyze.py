@@ -10,15 +10,8 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from trl_thr.cli.analysis import (
-    NEGATIVE_RGB,
-    POSITIVE_RGB,
-    build_batch,
-    html_report,
-    thr_statistics,
-    token_style,
-    top_tokens,
-)
+from trl_thr.cli.analysis import build_batch, html_report, thr_statistics, top_tokens
+from trl_thr.completion_logs import NEGATIVE_RGB, POSITIVE_RGB, token_colour
 from trl_thr.cli.errors import UsageError
 from trl_thr.cli import analyze as analyze_script
 
@@ -117,9 +110,9 @@ def test_html_report_structure_and_colours():
     assert all(a1 <= a2 for (_, a1), (_, a2) in zip(by_magnitude, by_magnitude[1:]))  # opacity grows with |THR|
 
 
-def test_token_style_saturates():
-    assert rgba(token_style(5.0, 2.0)) == (POSITIVE_RGB, 1.0)
-    assert rgba(token_style(-1.0, 2.0)) == (NEGATIVE_RGB, 0.5)
+def test_token_colour_saturates():
+    assert rgba(token_colour(5.0, 2.0)) == (POSITIVE_RGB, 1.0)
+    assert rgba(token_colour(-1.0, 2.0)) == (NEGATIVE_RGB, 0.5)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -23,6 +23,7 @@ from tiny import launch_two_processes, length_reward, tiny_dataset
 from transformers import AutoModelForCausalLM
 
 from trl_thr import THRGRPOConfig, THRGRPOTrainer
+from trl_thr.thr_grpo_trainer import THRBatch
 
 HERE = Path(__file__).parent
 
@@ -320,8 +321,8 @@ def test_each_metric_by_value_on_a_batch_built_by_hand(tiny_model_path, tmp_path
                              True, False, False, True, False, False])  # group 2 has advantage > 0, not in P
     taus = torch.tensor([0.25, math.nan, math.nan, -math.inf, 0.125])  # exact in float32: no rounding at the boundary
     weights = torch.where(mask.bool(), 1.0 + 0.25 * thr.sign(), 0.0)
-    trainer._log_thr_metrics("train", thr, weights, taus, advantages, mask, G, positive, 0.25, seconds=3.0,
-                             forward_seconds=5.0)
+    record = THRBatch.build(thr, weights, taus, advantages, mask, G, positive, 0.25)
+    trainer._log_thr_metrics("train", record, seconds=3.0, forward_seconds=5.0)
 
     active_rows = [0, 1, 2, 9, 10, 11, 12, 13, 14]  # groups 0, 3 and 4
     counted = [(row, t) for row in active_rows for t in range(T) if mask[row, t]]
@@ -345,8 +346,8 @@ def test_each_metric_by_value_on_a_batch_built_by_hand(tiny_model_path, tmp_path
 
     # Two processes holding the same batch: the counts double, every fraction and the mean times stay the same.
     monkeypatch.setattr(trainer.accelerator, "reduce", lambda tensor, reduction="sum": tensor * 2)
-    trainer._log_thr_metrics("train", thr, weights, taus, advantages, mask, G, positive, 0.25, seconds=3.0,
-                             forward_seconds=5.0)
+    record = THRBatch.build(thr, weights, taus, advantages, mask, G, positive, 0.25)
+    trainer._log_thr_metrics("train", record, seconds=3.0, forward_seconds=5.0)
     logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
     assert logged == pytest.approx(expected, rel=1e-6)
 

@@ -54,11 +54,16 @@ def completion_columns(
     return columns
 
 
-def _token_colour(value: float, scale: float) -> str:
-    # Green for positive THR, red for negative, opacity by |THR| relative to the group's largest.
-    strength = 0.0 if scale <= 0 else min(abs(value) / scale, 1.0)
-    rgb = "22, 163, 74" if value > 0 else "220, 38, 38"
-    return f"rgba({rgb}, {strength:.2f})"
+POSITIVE_RGB = (22, 163, 74)  # green: updating the token raises the likelihood of the group's positive completions
+NEGATIVE_RGB = (220, 38, 38)  # red: it lowers it
+
+
+def token_colour(value: float, scale: float) -> str:
+    """CSS colour of a token with THR `value`: hue by its sign, opacity `|value| / scale` (capped at 1; 0 for a
+    THR of 0 or a scale of 0)."""
+    red, green, blue = POSITIVE_RGB if value > 0 else NEGATIVE_RGB
+    opacity = 0.0 if scale <= 0 else min(abs(value) / scale, 1.0)
+    return f"rgba({red}, {green}, {blue}, {opacity:.2f})"
 
 
 def group_heatmap_html(
@@ -76,7 +81,7 @@ def group_heatmap_html(
     rows = []
     for row_tokens, row_thr, advantage in zip(tokens, thr, advantages):
         spans = "".join(
-            f'<span title="THR {value:+.4g}" style="background:{_token_colour(value, scale)}">'
+            f'<span title="THR {value:+.4g}" style="background:{token_colour(value, scale)}">'
             f"{html.escape(token)}</span>"
             for token, value in zip(row_tokens, row_thr)
         )

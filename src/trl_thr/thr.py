@@ -92,6 +92,15 @@ def active_tokens(
     return active.repeat_interleave(num_generations).unsqueeze(1) & completion_mask.bool()
 
 
+def dominant_tokens(
+    thr: torch.Tensor, taus: torch.Tensor, active_token_mask: torch.Tensor, num_generations: int
+) -> torch.Tensor:
+    """Dominant tokens, shape `(B, T)` bool: tokens of `active_token_mask` (see [`active_tokens`]) whose `|THR|`
+    exceeds their group's threshold in `taus` `(B // G,)` (from [`group_thresholds`])."""
+    row_tau = taus.repeat_interleave(num_generations).unsqueeze(1)  # (B, 1)
+    return active_token_mask & (thr.abs() > row_tau)
+
+
 def _check_group_layout(name: str, batch_size: int, num_generations: int) -> None:
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}.")
@@ -577,21 +586,20 @@ def thr_weights(
         raise ValueError(f"strategy={strategy!r} needs taus, the groups' thresholds from group_thresholds().")
     _check_shape("taus", taus, (thr.size(0) // num_generations,))
 
-    row_tau = taus.repeat_interleave(num_generations).unsqueeze(1)  # (B, 1)
     thr = thr.float()
-    sign = thr.sign()
-    dominant = (thr.abs() > row_tau).float() * ones
-
+    active = active_tokens(advantages, completion_mask, num_generations, positive_mask)
     if strategy == "nthr":
         positive = positive_rows(advantages, completion_mask, positive_mask).float()
         success = positive.view(-1, num_generations).mean(dim=1)
         eta = (2 * (0.5 - success).abs()).repeat_interleave(num_generations).unsqueeze(1)
+        row_tau = taus.repeat_interleave(num_generations).unsqueeze(1)  # (B, 1)
         penalised = (advantages < 0).unsqueeze(1) & (thr < -row_tau) & completion_mask.bool()
         weights = torch.where(penalised, eta, ones)
     else:  # dominant-only reads p as 0: the mask alone
-        weights = dominant * (1 + signed_p(strategy, p) * sign)
+        dominant = dominant_tokens(thr, taus, active, num_generations).float()
+        weights = dominant * (1 + signed_p(strategy, p) * thr.sign())
 
-    return torch.where(active_tokens(advantages, completion_mask, num_generations, positive_mask), weights, ones)
+    return torch.where(active, weights, ones)
 
 
 def scheduled_p(start: float, end: float | None, schedule: str, progress: float) -> float:

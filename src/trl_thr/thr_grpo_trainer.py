@@ -2,6 +2,8 @@ import math
 import os
 import textwrap
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from trl import GRPOTrainer
@@ -9,6 +11,7 @@ from trl.trainer.utils import get_config_model_id
 
 from . import _trl_compat as compat
 from .completion_logs import completion_columns, group_heatmap_html
+from .files import write_text_atomically
 from .generation_capture import GenerationCapture, capture_unsupported_reason
 from .gspo_token import sequence_token_old_logps
 from .thr import (
@@ -16,6 +19,7 @@ from .thr import (
     active_groups,
     active_tokens,
     compute_thr,
+    dominant_tokens,
     group_thresholds,
     scheduled_p,
     thr_weights,
@@ -66,6 +70,42 @@ def weights_from_config(
     return weights, taus
 
 
+@dataclass
+class OldPolicyStates:
+    """What THR reads of the old policy for one generation batch."""
+
+    hidden_states: torch.Tensor  # (B, T, d) final-norm states that predict each completion token
+    token_logprobs: torch.Tensor  # (B, T) log-probs of the sampled tokens from the same states
+    seconds: float  # spent getting them once generation was done (0 when TRL's own forward recorded them)
+
+
+@dataclass
+class THRBatch:
+    """THR of one generation batch and what the weights made of it: the input of the metrics and the logs."""
+
+    thr: torch.Tensor  # (B, T)
+    weights: torch.Tensor  # (B, T) on the advantages
+    taus: torch.Tensor  # (B // G,) the groups' dominance thresholds
+    advantages: torch.Tensor  # (B,)
+    counted: torch.Tensor  # (B, T) bool: the tokens the loss counts
+    active_groups: torch.Tensor  # (B // G,) bool: the groups THR applies to
+    active_tokens: torch.Tensor  # (B, T) bool: counted tokens of those groups
+    dominant: torch.Tensor  # (B, T) bool: active tokens above their group's threshold
+    num_generations: int
+    p: float
+
+    @classmethod
+    def build(cls, thr, weights, taus, advantages, counted, num_generations: int, positive, p: float) -> "THRBatch":
+        """The record of a batch, its group and token masks derived once (`positive` `(B,)` or `None`: `A > 0`)."""
+        counted = counted.bool()
+        active = active_tokens(advantages, counted, num_generations, positive)
+        return cls(
+            thr=thr, weights=weights, taus=taus, advantages=advantages, counted=counted,
+            active_groups=active_groups(advantages, counted, num_generations, positive), active_tokens=active,
+            dominant=dominant_tokens(thr, taus, active, num_generations), num_generations=num_generations, p=p,
+        )
+
+
 def _counted_tokens(batch: dict) -> torch.Tensor:
     """`(B, T)` tokens the loss counts: completion tokens, less tool-call outputs when TRL masks them."""
     return batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
@@ -75,12 +115,22 @@ class THRGRPOTrainer(GRPOTrainer):
     """
     [`trl.GRPOTrainer`] with Token Hidden Reward (THR, [arXiv 2510.03669](https://huggingface.co/papers/2510.03669)).
 
-    For every generation batch, THR is computed per token from the old policy's last hidden states (the same
-    no-grad forward that gives `old_per_token_logps`), turned into per-token weights by `args.thr_strategy`, and
-    multiplied into the advantages. The weighted `(B, T)` advantages go through TRL's own loss, so every loss type,
-    clipping, KL, importance-sampling correction and metric keeps working.
+    For every generation batch, THR is computed per token from the old policy's last hidden states, turned into
+    per-token weights by `args.thr_strategy`, and multiplied into the advantages. The weighted `(B, T)` advantages go
+    through TRL's own loss, so every loss type, clipping, KL, importance-sampling correction and metric keeps working.
 
     Takes the same arguments as [`trl.GRPOTrainer`]; `args` must be a [`THRGRPOConfig`].
+
+    One generation batch, from states to weights (`_generate_and_score_completions`):
+
+    1. `_generate_with_thr_states`: TRL generates and scores the batch while one of two captures records the old
+       policy's final-norm states `(B, T, d)`: TRL's own old-log-prob forward where TRL runs one
+       (`_recording_old_policy_forward`), else `generate` itself as it decodes (`_recording_generation`), else THR
+       runs one no-grad forward of its own (`thr/own_forward` says which).
+    2. `_compute_thr`: THR `(B, T)` from those states and the (gathered) LM head, `thr.compute_thr`.
+    3. `_thr_weights_and_metrics`: thresholds and weights `(B, T)` (`weights_from_config`), the `thr/*` metrics and
+       the completions columns, all from one `THRBatch`.
+    4. The weights travel in the batch as `thr_weights` and multiply the advantages in `_compute_loss`.
     """
 
     _tag_names = ["trl", "grpo", "thr"]
@@ -155,13 +205,14 @@ class THRGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.args.thr_strategy == "none":
             return super()._generate_and_score_completions(inputs)
-        batch, hidden_states, token_logprobs, forward_seconds = self._generate_with_thr_states(inputs)
+        batch, states = self._generate_with_thr_states(inputs)
         start = time.perf_counter()
         positive = self._positive_mask(batch["advantages"].size(0))
-        thr = self._compute_thr(batch, hidden_states, token_logprobs, positive)
+        thr = self._compute_thr(batch, states.hidden_states, states.token_logprobs, positive)
+        forward_seconds = states.seconds
         # THR is done with the (B, T, d) states (the gathered LM head went when _compute_thr returned): free them now,
         # before the thresholds' and the metrics' collectives, rather than at the end of the batch.
-        del hidden_states, token_logprobs
+        del states
         weights = self._thr_weights_and_metrics(batch, thr, positive, self._seconds_since(start), forward_seconds)
         # Weight 1 on every counted token is GRPO's update: TRL keeps its (B,) advantages, so the run is GRPO's bit for
         # bit (multiplying by ones reorders some loss types' sums). One check per generation batch.
@@ -169,12 +220,12 @@ class THRGRPOTrainer(GRPOTrainer):
             batch["thr_weights"] = weights
         return batch
 
-    def _generate_with_thr_states(self, inputs) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
-        """GRPOTrainer's batch and what THR reads for it: `(batch, hidden (B, T, d), token_logprobs (B, T),
-        seconds spent getting them after generation)`."""
+    def _generate_with_thr_states(self, inputs) -> tuple[dict, OldPolicyStates]:
+        """GRPOTrainer's batch and the old policy's states THR reads for it."""
         if compat.trl_computes_old_logps(self):
             capture = compat.BackboneCapture()
-            batch = self._generate_recording_into("_old_policy_capture", capture, inputs)
+            with self._recording_old_policy_forward(capture):
+                batch = super()._generate_and_score_completions(inputs)
             start = time.perf_counter()
             hidden_states, token_logprobs = capture.hidden_states(), batch.get("old_per_token_logps")
             if hidden_states is None or token_logprobs is None:
@@ -182,11 +233,12 @@ class THRGRPOTrainer(GRPOTrainer):
                     "THRGRPOTrainer expected GRPOTrainer to compute old_per_token_logps in this configuration and "
                     f"found none; trl-thr supports trl {compat.SUPPORTED_TRL}.x, found trl {compat.trl.__version__}."
                 )
-            return batch, hidden_states, token_logprobs, self._seconds_since(start)
+            return batch, OldPolicyStates(hidden_states, token_logprobs, self._seconds_since(start))
         # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR records
         # what it needs during generation, or runs its own no-grad forward, and leaves TRL's ratio alone.
         capture = self._generation_capture_for_batch()
-        batch = self._generate_recording_into("_generation_capture", capture, inputs)
+        with self._recording_generation(capture):
+            batch = super()._generate_and_score_completions(inputs)
         start = time.perf_counter()
         recorded = None if capture is None else self._align_generation_capture(capture, batch)
         if capture is not None and not self._on_every_process(recorded is not None):
@@ -198,15 +250,27 @@ class THRGRPOTrainer(GRPOTrainer):
             token_logprobs, hidden_states = self._old_policy_forward(batch)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["thr/own_forward"].append(float(recorded is None))
-        return batch, hidden_states, token_logprobs, self._seconds_since(start)
+        return batch, OldPolicyStates(hidden_states, token_logprobs, self._seconds_since(start))
 
-    def _generate_recording_into(self, attribute: str, capture, inputs) -> dict:
-        """GRPOTrainer's batch, with `capture` set as `attribute` for the hooks below while it is generated."""
-        setattr(self, attribute, capture)
+    @contextmanager
+    def _recording_old_policy_forward(self, capture: compat.BackboneCapture):
+        """Arms `capture` for TRL's old-policy forward (`_get_per_token_logps_and_entropies` below) while TRL makes a
+        generation batch; disarmed after, whatever happens."""
+        self._old_policy_capture = capture
         try:
-            return super()._generate_and_score_completions(inputs)
+            yield
         finally:
-            setattr(self, attribute, None)
+            self._old_policy_capture = None
+
+    @contextmanager
+    def _recording_generation(self, capture: GenerationCapture | None):
+        """Arms `capture` (if any) for the batch's first `generate` call (`_generate_single_turn` below) while TRL
+        makes a generation batch; disarmed after, whatever happens."""
+        self._generation_capture = capture
+        try:
+            yield
+        finally:
+            self._generation_capture = None
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         # Only the first call of a generation batch is recorded: tool turns call it again with other prompts.
@@ -386,41 +450,38 @@ class THRGRPOTrainer(GRPOTrainer):
                                  thr_seconds: float, forward_seconds: float) -> torch.Tensor:
         """Per-token weights `(B, T)` from the batch's THR, with the `thr/*` metrics and completions columns."""
         start = time.perf_counter()
-        args = self.args
         mode, num_generations = self._thr_group_size()
-        advantages, mask = batch["advantages"], _counted_tokens(batch)
+        advantages, counted = batch["advantages"], _counted_tokens(batch)
         p = self.thr_p
-        weights, taus = weights_from_config(args, thr, advantages, mask, num_generations, p=p,
+        weights, taus = weights_from_config(self.args, thr, advantages, counted, num_generations, p=p,
                                             positive_mask=positive, gather_values=self._gather_across_processes)
-        self._log_thr_metrics(mode, thr, weights, taus, advantages, mask, num_generations, positive, p,
-                              thr_seconds + self._seconds_since(start), forward_seconds)
+        record = THRBatch.build(thr, weights, taus, advantages, counted, num_generations, positive, p)
+        self._log_thr_metrics(mode, record, thr_seconds + self._seconds_since(start), forward_seconds)
         if self.log_completions:
-            self._log_thr_completions(batch, thr, weights, taus, mask, num_generations, positive)
+            self._log_thr_completions(batch, record)
         return weights
 
-    def _log_thr_completions(self, batch, thr, weights, taus, mask, num_generations, positive) -> None:
+    def _log_thr_completions(self, batch: dict, record: THRBatch) -> None:
         """THR columns in TRL's completions table, and this process's first THR group as a heatmap."""
-        counted = active_tokens(batch["advantages"], mask, num_generations, positive)
-        dominant = counted & (thr.abs() > taus.repeat_interleave(num_generations).unsqueeze(1))
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
 
         def decode(token_id: int) -> str:
             return tokenizer.decode([token_id])
 
-        ids = batch["completion_ids"]
-        compat.log_completion_columns(self, completion_columns(thr, weights, dominant, ids, mask, decode))
-        active = active_groups(batch["advantages"], mask, num_generations, positive)
-        if not self.accelerator.is_main_process or not active.any():
+        ids, mask, thr, num_generations = batch["completion_ids"], record.counted, record.thr, record.num_generations
+        columns = completion_columns(thr, record.weights, record.dominant, ids, mask, decode)
+        compat.log_completion_columns(self, columns)
+        if not self.accelerator.is_main_process or not record.active_groups.any():
             return
-        group = int(active.nonzero()[0])
+        group = int(record.active_groups.nonzero()[0])
         rows = range(group * num_generations, (group + 1) * num_generations)
-        row_masks = [mask[row].bool() for row in rows]
+        row_masks = [mask[row] for row in rows]
         self._thr_heatmap = (
             self.state.global_step,
             group_heatmap_html(
                 [[decode(t) for t in ids[row][row_mask].tolist()] for row, row_mask in zip(rows, row_masks)],
                 [thr[row][row_mask].float().tolist() for row, row_mask in zip(rows, row_masks)],
-                batch["advantages"][group * num_generations : (group + 1) * num_generations].tolist(),
+                record.advantages[group * num_generations : (group + 1) * num_generations].tolist(),
                 title=f"THR of one group at step {self.state.global_step}",
             ),
         )
@@ -435,12 +496,7 @@ class THRGRPOTrainer(GRPOTrainer):
         for tracker in trackers:
             tracker.log({"thr/heatmap": tracker.Html(page)})
         if not trackers:
-            directory = os.path.join(self.args.output_dir, "thr_heatmaps")
-            os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, f"step_{step:05d}.html")
-            with open(path + ".tmp", "w", encoding="utf-8") as file:
-                file.write(page)
-            os.replace(path + ".tmp", path)  # a kill mid-write leaves no half page
+            write_text_atomically(os.path.join(self.args.output_dir, "thr_heatmaps", f"step_{step:05d}.html"), page)
 
     def _on_every_process(self, holds: bool) -> bool:
         """Whether `holds` is true on every process (one all-reduce; no communication in a single process)."""
@@ -461,22 +517,19 @@ class THRGRPOTrainer(GRPOTrainer):
         )
         raise THRComputationError(message) from error
 
-    def _log_thr_metrics(self, mode, thr, weights, taus, advantages, mask, num_generations, positive, p, seconds,
-                         forward_seconds):
-        mask = mask.bool()
-        active = active_groups(advantages, mask, num_generations, positive)
-        counted = active_tokens(advantages, mask, num_generations, positive)
+    def _log_thr_metrics(self, mode: str, record: THRBatch, seconds: float, forward_seconds: float) -> None:
+        """The `thr/*` metrics of one generation batch, summed over processes before the ratios are taken."""
+        thr, taus, active, in_active = record.thr, record.taus, record.active_groups, record.active_tokens
         finite_tau = torch.isfinite(taus) & active
-        dominant = counted & (thr.abs() > taus.repeat_interleave(num_generations).unsqueeze(1))
         local = torch.tensor(
             [
-                mask.sum(),
-                counted.sum(),
-                dominant.sum(),
-                (counted & (thr > 0)).sum(),
-                (counted & (thr < 0)).sum(),
-                weights[mask].sum(),
-                thr.abs()[counted].sum(),
+                record.counted.sum(),
+                in_active.sum(),
+                record.dominant.sum(),
+                (in_active & (thr > 0)).sum(),
+                (in_active & (thr < 0)).sum(),
+                record.weights[record.counted].sum(),
+                thr.abs()[in_active].sum(),
                 taus[finite_tau].sum(),
                 finite_tau.sum(),
                 active.numel(),
@@ -503,6 +556,6 @@ class THRGRPOTrainer(GRPOTrainer):
         metrics["thr/abs_mean"].append(ratio(abs_sum, active_count))
         metrics["thr/groups_skipped_frac"].append(ratio(skipped, groups))
         if self.args.thr_strategy in STRATEGIES_USING_P:  # the others log no `thr/p`
-            metrics["thr/p"].append(p)
+            metrics["thr/p"].append(record.p)
         metrics["thr/seconds"].append(seconds / processes)
         metrics["thr/forward_seconds"].append(forward_seconds / processes)

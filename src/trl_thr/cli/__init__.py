@@ -10,7 +10,6 @@ them, and `--help` listing every field.
 
 import argparse
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -22,19 +21,6 @@ COMMANDS = {
     "analyze": ("trl_thr.cli.analyze", "Sample groups, compute THR per token, and write a report."),
 }
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
-
-
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file next to `path`, flush it to disk, then rename it over `path`: whoever
-    reads `path`, even after a kill at any moment, finds the old content or the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with partial.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 def split_config_flag(argv: list[str]) -> list[str]:

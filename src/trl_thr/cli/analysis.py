@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..thr import active_groups, compute_thr, group_thresholds, top_fraction_threshold
+from ..completion_logs import token_colour
+from ..thr import (
+    active_groups,
+    active_tokens,
+    compute_thr,
+    dominant_tokens,
+    group_thresholds,
+    top_fraction_threshold,
+)
 
 
 @dataclass
@@ -97,16 +105,15 @@ def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1,
     G = batch.num_generations
     mask = batch.completion_mask.bool()
     active = active_groups(batch.advantages, batch.completion_mask, G, batch.correct)
-    active_tokens = active.repeat_interleave(G).unsqueeze(1) & mask
-    count = int(active_tokens.sum())
+    in_active = active_tokens(batch.advantages, batch.completion_mask, G, batch.correct)
+    count = int(in_active.sum())
     stats = {"groups": int(active.numel()), "active_groups": int(active.sum()), "active_tokens": count,
              "tokens": int(mask.sum())}
     if count == 0:
         return stats
 
     def kept_fraction(taus):
-        row_tau = taus.repeat_interleave(G).unsqueeze(1)
-        return float(((thr.abs() > row_tau) & active_tokens).sum()) / count
+        return float(dominant_tokens(thr, taus, in_active, G).sum()) / count
 
     dominance = {"anchor": kept_fraction(group_thresholds(thr, batch.advantages, batch.completion_mask, G,
                                                           threshold="anchor", beta=beta,
@@ -124,7 +131,7 @@ def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1,
 
     split = {}
     for label, rows in (("correct", batch.correct), ("incorrect", ~batch.correct)):
-        tokens = active_tokens & rows.unsqueeze(1)
+        tokens = in_active & rows.unsqueeze(1)
         values = thr[tokens]
         split[label] = {
             "tokens": int(tokens.sum()),
@@ -135,7 +142,7 @@ def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1,
         }
     stats["by_correctness"] = split
 
-    magnitudes, entropies = thr.abs()[active_tokens], entropy[active_tokens]
+    magnitudes, entropies = thr.abs()[in_active], entropy[in_active]
     high_thr = magnitudes > top_fraction_threshold(magnitudes, overlap_quantile)
     high_entropy = entropies > top_fraction_threshold(entropies, overlap_quantile)
     stats["entropy_overlap"] = {
@@ -172,9 +179,7 @@ def histogram(thr, batch: GroupBatch, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    G = batch.num_generations
-    active = active_groups(batch.advantages, batch.completion_mask, G, batch.correct)
-    tokens = active.repeat_interleave(G).unsqueeze(1) & batch.completion_mask.bool()
+    tokens = active_tokens(batch.advantages, batch.completion_mask, batch.num_generations, batch.correct)
     figure, axis = plt.subplots(figsize=(7, 4))
     values = thr[tokens]
     limit = float(values.abs().max()) if values.numel() else 1.0
@@ -196,17 +201,6 @@ def histogram(thr, batch: GroupBatch, path):
     return path
 
 
-POSITIVE_RGB = (46, 125, 50)  # green: the update helps the correct completions
-NEGATIVE_RGB = (198, 40, 40)  # red: the update hurts them
-
-
-def token_style(value: float, scale: float) -> str:
-    """Background colour of a token: hue by the sign of THR, opacity by |THR| / scale (capped at 1)."""
-    red, green, blue = POSITIVE_RGB if value > 0 else NEGATIVE_RGB
-    alpha = 0.0 if scale <= 0 or value == 0 else min(1.0, abs(value) / scale)
-    return f"background-color: rgba({red}, {green}, {blue}, {alpha:.3f})"
-
-
 def html_report(batch: GroupBatch, thr, decode, prompts: list[str], stats: dict, top: dict, title: str,
                 dynamics: str | None = None) -> str:
     """A self-contained HTML page (inline CSS, no scripts, no external assets); `dynamics` is the HTML of the
@@ -225,9 +219,10 @@ def html_report(batch: GroupBatch, thr, decode, prompts: list[str], stats: dict,
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
         ".legend span{padding:0 .5em;margin-right:.5em}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<p class='legend'>Token background: <span style='" + token_style(1.0, 1.0) + "'>THR &gt; 0</span>"
+        "<p class='legend'>Token background: <span style='background-color: " + token_colour(1.0, 1.0)
+        + "'>THR &gt; 0</span>"
         "(updating the token raises the likelihood of the group's correct completions) "
-        "<span style='" + token_style(-1.0, 1.0) + "'>THR &lt; 0</span>(lowers it); opacity: |THR| relative to "
+        "<span style='background-color: " + token_colour(-1.0, 1.0) + "'>THR &lt; 0</span>(lowers it); opacity: |THR| relative to "
         f"the 99th percentile ({scale:.4g}). Hover a token for its value.</p>",
         "<h2>Summary</h2>", _summary_table(stats),
         *(["<h2>One-step dynamics per arm</h2>", dynamics] if dynamics else []),
@@ -247,7 +242,7 @@ def html_report(batch: GroupBatch, thr, decode, prompts: list[str], stats: dict,
                 value = float(thr[row, position])
                 text = decode([int(batch.completion_ids[row, position])])
                 spans.append(f"<span class='t' data-thr='{value:.6g}' title='THR = {value:+.4g}' "
-                             f"style='{token_style(value, scale)}'>{html.escape(text)}</span>")
+                             f"style='background-color: {token_colour(value, scale)}'>{html.escape(text)}</span>")
             out.append("".join(spans) + "</div></div>")  # no separators: the token div keeps whitespace
     out.append("</body></html>")
     return "\n".join(out)
@@ -276,7 +271,7 @@ def _top_table(top: dict) -> str:
     for sign, entries in top.items():
         rows = "".join(
             f"<tr><td>{e['thr']:+.4g}</td><td style='text-align:left'><code>{html.escape(e['before'])}"
-            f"<b style='{token_style(e['thr'], abs(e['thr']))}'>{html.escape(e['token'])}</b>"
+            f"<b style='background-color: {token_colour(e['thr'], abs(e['thr']))}'>{html.escape(e['token'])}</b>"
             f"{html.escape(e['after'])}</code></td><td>{'correct' if e['correct'] else 'incorrect'}</td></tr>"
             for e in entries
         )

@@ -42,8 +42,8 @@ def arm_config(arm: str, *, p: float, num_generations: int, threshold: str = "an
     return THRGRPOConfig(
         output_dir=output_dir, report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False,
         per_device_train_batch_size=num_generations, num_generations=num_generations,
-        thr_strategy=strategy, thr_p=signed_p(strategy, p), thr_threshold=threshold, thr_beta=beta, thr_quantile=quantile,
-        thr_tau=tau,
+        thr_strategy=strategy, thr_p=signed_p(strategy, p), thr_threshold=threshold, thr_beta=beta,
+        thr_quantile=quantile, thr_tau=tau,
     )
 
 

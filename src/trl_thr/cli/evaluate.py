@@ -192,7 +192,7 @@ def interrupted_message(argv: list[str]) -> str:
 
 def main(argv=None):
     from trl_thr.cli.evaluation import differences_table, differing_settings, load_results, markdown_table, run_labels
-    from trl_thr.cli.evaluation import write_json_atomically
+    from trl_thr.files import write_json_atomically
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..files import write_json_atomically
 from .answers import extract_final_answer, is_equivalent
 
 
@@ -123,13 +124,6 @@ def model_fingerprint(directory: str | Path, hashes: FileHashes) -> dict[str, di
     if not any(name.endswith(WEIGHT_SUFFIXES) for name in fingerprint):
         raise ValueError(f"{directory} holds no weights file (*.safetensors, *.bin or *.gguf).")
     return fingerprint
-
-
-def write_json_atomically(path: Path, data) -> None:
-    """`data` as JSON at `path`, replaced atomically (see `trl_thr.cli.write_text_atomically`)."""
-    from trl_thr.cli import write_text_atomically
-
-    write_text_atomically(path, json.dumps(data, indent=1))
 
 
 class GenerationCache:

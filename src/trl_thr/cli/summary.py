@@ -1,13 +1,12 @@
 """The end of a training run: a closing summary and a plot of reward and THR metrics over steps."""
 
-import json
 import math
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trl_thr.cli import write_text_atomically
+from trl_thr.files import write_json_atomically
 
 PLOTTED = (
     ("reward", "reward: per step (dots), rolling mean ± sd"),
@@ -180,7 +179,7 @@ class RunSummaryCallback(TrainerCallback):
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         self.summary = summarize(state.log_history, time.time() - self.started, state.global_step)
-        write_text_atomically(output_dir / "thr_summary.json", json.dumps(self.summary, indent=2))
+        write_json_atomically(output_dir / "thr_summary.json", self.summary, indent=2)
         print("\n" + format_summary(self.summary, demo=self.demo))
         if self.plot:
             plotted = plot_metrics(state.log_history, output_dir / "thr_metrics.png")

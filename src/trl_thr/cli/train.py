@@ -11,7 +11,6 @@ of `THRGRPOConfig`, the dataset/template/reward fields below, and the launch fie
 """
 
 import importlib.resources
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -128,7 +127,7 @@ def save_run_config(path: Path, script_args, model_args, training_args, launch_a
     Written when the run has finished, atomically: a failed or interrupted run leaves the record of an earlier,
     finished run in the same directory as it was.
     """
-    from trl_thr.cli import write_text_atomically
+    from trl_thr.files import write_json_atomically
 
     import torch
     import transformers
@@ -150,7 +149,7 @@ def save_run_config(path: Path, script_args, model_args, training_args, launch_a
         "versions": {"trl_thr": trl_thr.__version__, "trl": trl.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }
-    write_text_atomically(path / RUN_RECORD, json.dumps(record, indent=2, default=str))
+    write_json_atomically(path / RUN_RECORD, record, indent=2)
 
 
 def train(script_args, training_args, model_args, mixture_args, launch_args, model_path, demo: bool = False):

@@ -52,7 +52,7 @@ def demo_arguments(config_path: str) -> tuple[dict, dict, dict]:
     import yaml
     from trl import ModelConfig
 
-    from trl_thr.cli.train import THRScriptArguments
+    from trl_thr.cli.commands.train import THRScriptArguments
     from trl_thr.thr_grpo_config import THRGRPOConfig
 
     values = yaml.safe_load(Path(config_path).read_text())
@@ -318,7 +318,7 @@ def markdown(record: dict) -> str:
 
 
 def parse_args(argv=None):
-    from trl_thr.cli.train import DEMO_CONFIG
+    from trl_thr.cli.commands.train import DEMO_CONFIG
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEMO_CONFIG, help="a trl-thr train YAML config (default: the demo)")
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     from trl_thr.cli.arguments import load_problems
     from trl_thr.cli.models import resolve_model
     from trl_thr.cli.rewards import load_reward_funcs
-    from trl_thr.cli.train import THRScriptArguments
+    from trl_thr.cli.commands.train import THRScriptArguments
 
     out = Path(args.out)
     record = {"command": [sys.executable, *sys.argv], "config": args.config, "load_before": gpu_check.load_averages(),

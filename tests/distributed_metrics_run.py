@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from thr_reference import LENGTHS, KernelRecorder, ragged_trainer, two_prompts  # noqa: E402
-from trl_thr.cli.train import end_processes  # noqa: E402
+from trl_thr.cli.launch import end_processes  # noqa: E402
 
 THRESHOLD = 5.0
 QUANTILE = 0.4

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import length_reward, same_length_dataset  # noqa: E402
 
 from trl_thr import THRGRPOConfig, THRGRPOTrainer  # noqa: E402
-from trl_thr.cli.train import end_processes  # noqa: E402
+from trl_thr.cli.launch import end_processes  # noqa: E402
 
 
 def config(output_dir):

@@ -11,7 +11,7 @@ from tiny import length_reward, same_length_dataset  # noqa: E402
 
 import trl_thr.thr_grpo_trainer as thr_grpo_trainer  # noqa: E402
 from trl_thr import THRGRPOTrainer  # noqa: E402
-from trl_thr.cli.train import end_processes  # noqa: E402
+from trl_thr.cli.launch import end_processes  # noqa: E402
 
 
 def main(model_path, output_dir):

@@ -13,7 +13,7 @@ import torch
 from trl_thr.cli.analysis import build_batch, html_report, thr_statistics, top_tokens
 from trl_thr.completion_logs import NEGATIVE_RGB, POSITIVE_RGB, token_colour
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli import analyze as analyze_script
+from trl_thr.cli.commands import analyze as analyze_script
 
 
 def hand_batch():

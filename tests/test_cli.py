@@ -13,7 +13,7 @@ import pytest
 from trl_thr import THRGRPOTrainer
 from trl_thr.cli import main
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli.train import DEMO_CONFIG, GRPO_CHOICES, check_choices, parse_args
+from trl_thr.cli.commands.train import DEMO_CONFIG, GRPO_CHOICES, check_choices, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
@@ -145,7 +145,7 @@ def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(tiny_model_path, tm
 
 
 def test_ctrl_c_in_analyze_is_one_line(tmp_path, capsys):
-    from trl_thr.cli import analyze
+    from trl_thr.cli.commands import analyze
 
     with patch.object(analyze, "analyze", side_effect=KeyboardInterrupt):
         code = main(["analyze", "--model_name_or_path", "builtin:tiny-qwen2", "--dataset_name", "arithmetic",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trl_thr.cli import analyze as analyze_script
+from trl_thr.cli.commands import analyze as analyze_script
 from trl_thr.cli.analysis import build_batch
 from trl_thr.cli.dynamics import (
     arm_config,

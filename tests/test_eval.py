@@ -11,7 +11,7 @@ from unittest.mock import patch
 import pytest
 
 from trl_thr import pass_at_k
-from trl_thr.cli import evaluate as eval_script
+from trl_thr.cli.commands import eval as eval_script
 from trl_thr.cli import main as cli_main
 from trl_thr.cli.errors import UsageError
 from trl_thr.cli.evaluation import FileHashes, GenerationCache, check_ks, model_fingerprint, score

@@ -188,7 +188,7 @@ def test_fsdp2_dtensor_lm_head_is_gathered(tmp_path):
 def test_training_processes_leave_the_group_together_before_exit(num_processes, expected):
     """Every process waits for the others, destroys the group itself rather than at interpreter exit, and frees the
     DDP wrapper before the last handle on the group goes."""
-    from trl_thr.cli.train import end_processes
+    from trl_thr.cli.launch import end_processes
 
     calls = []
 

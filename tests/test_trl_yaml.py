@@ -13,7 +13,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 
 from trl_thr.cli.launch import accelerate_launch_args
 from trl_thr.cli.rewards import load_reward_funcs
-from trl_thr.cli.train import parse_args
+from trl_thr.cli.commands.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "configs" / "trl_grpo_style.yaml"

@@ -1,6 +1,6 @@
-"""Tiny offline data and rewards for trainer tests (the model comes from `trl_thr.cli.tiny`)."""
+"""Tiny offline data and rewards for trainer tests (the model comes from `trl_thr.tiny`)."""
 
-from trl_thr.cli.tiny import build_tiny_model  # noqa: F401
+from trl_thr.tiny import build_tiny_model  # noqa: F401
 
 PROMPTS = [
     "What is 2 + 3?",

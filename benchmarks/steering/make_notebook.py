@@ -37,7 +37,7 @@ MODEL = os.environ.get("TRL_THR_STEERING_MODEL", "builtin:tiny-qwen2")
 if RESULTS:
     output_dir = Path(RESULTS)
 else:
-    from trl_thr.cli import analyze
+    from trl_thr.cli.commands import analyze
 
     output_dir = Path(tempfile.mkdtemp()) / "analysis"
     argv = ["--model_name_or_path", MODEL, "--dataset_name", "arithmetic", "--num_samples", "16",

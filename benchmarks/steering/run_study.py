@@ -160,7 +160,7 @@ def build_scratch_model(directory: Path, corpus: list[str], args) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from trl_thr.cli.tiny import CHATML
+    from trl_thr.tiny import CHATML
 
     backend = Tokenizer(models.BPE())
     # Digits one by one, so that numbers are spelled out and arithmetic can generalise to unseen facts.

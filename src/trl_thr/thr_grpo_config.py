@@ -178,6 +178,11 @@ class THRGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.max_steps == 0 or self.max_steps < -1:  # transformers would silently train num_train_epochs instead
+            raise ValueError(
+                f"max_steps={self.max_steps}: give a positive number of optimizer steps, or -1 to train "
+                "num_train_epochs epochs."
+            )
         super().__post_init__()
         self._check_choice("thr_strategy", STRATEGIES)
         self._check_choice("thr_p_schedule", P_SCHEDULES)

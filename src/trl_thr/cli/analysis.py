@@ -222,8 +222,8 @@ def html_report(batch: GroupBatch, thr, decode, prompts: list[str], stats: dict,
         "<p class='legend'>Token background: <span style='background-color: " + token_colour(1.0, 1.0)
         + "'>THR &gt; 0</span>"
         "(updating the token raises the likelihood of the group's correct completions) "
-        "<span style='background-color: " + token_colour(-1.0, 1.0) + "'>THR &lt; 0</span>(lowers it); opacity: |THR| relative to "
-        f"the 99th percentile ({scale:.4g}). Hover a token for its value.</p>",
+        "<span style='background-color: " + token_colour(-1.0, 1.0) + "'>THR &lt; 0</span>(lowers it); opacity: "
+        f"|THR| relative to the 99th percentile ({scale:.4g}). Hover a token for its value.</p>",
         "<h2>Summary</h2>", _summary_table(stats),
         *(["<h2>One-step dynamics per arm</h2>", dynamics] if dynamics else []),
         "<h2>Largest THR</h2>", _top_table(top),

@@ -24,10 +24,11 @@ class ProblemArguments:
 
 
 def load_problems(name: str, args: ProblemArguments, *, seed: int, data_files: str | None = None,
-                  max_samples: int | None = None, max_samples_field: str = "max_samples"):
+                  max_samples: int | None = None, max_samples_field: str = "max_samples", needs_answer: bool = True):
     """`(dataset with question/solution/prompt columns, template)` for a dataset name and `args`.
 
-    `max_samples` keeps a seeded random subset; `max_samples_field` names it in errors.
+    `max_samples` keeps a seeded random subset; `max_samples_field` names it in errors. `needs_answer=False` (no
+    reward reads a gold answer) accepts data without an answer column.
     """
     from .data import limit, load_math_dataset, with_prompts
     from .templates import get_template
@@ -37,5 +38,5 @@ def load_problems(name: str, args: ProblemArguments, *, seed: int, data_files: s
     template = get_template(args.prompt_template)
     dataset = load_math_dataset(name, question_column=args.question_column, answer_column=args.answer_column,
                                 num_samples=args.num_samples, seed=seed, data_files=data_files,
-                                max_operand=args.arithmetic_max_operand)
+                                max_operand=args.arithmetic_max_operand, needs_answer=needs_answer)
     return with_prompts(limit(dataset, max_samples, seed), template), template

@@ -2,9 +2,11 @@
 
 Every loader returns a `datasets.Dataset` with two columns: `question` (the problem text) and `solution` (the gold
 final answer as a string, e.g. "72" or "\\frac{1}{2}"). `with_prompts` then adds TRL's `prompt` column from a
-prompt template; `solution` stays, and reaches reward functions as a keyword argument.
+prompt template; `solution` stays, and reaches reward functions as a keyword argument. Data already in TRL's layout
+keeps its `prompt`; data without answers is accepted only where no reward reads one (`needs_answer=False`).
 """
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,18 +92,31 @@ def _pick_column(names, candidates, wanted, kind, source):
     )
 
 
-def normalise_columns(dataset, question_column, answer_column, answer=str, keep=None, source=""):
-    """Rows `(question, solution)`; `answer` maps the raw answer cell to the gold final answer."""
+def _has_answer_column(names, answer_column, needs_answer: bool) -> bool:
+    """Whether to read a gold answer: always where one is needed or named, else where a known column holds one."""
+    return needs_answer or answer_column is not None or any(name in names for name in ANSWER_COLUMNS)
+
+
+def normalise_columns(dataset, question_column, answer_column, answer=str, keep=None, source="",
+                      needs_answer: bool = True):
+    """Rows `(question, solution)`, or `(prompt, solution)` for data in TRL's layout; `answer` maps the raw answer
+    cell to the gold final answer. With `needs_answer=False` (no reward reads one) data without an answer column is
+    kept without a `solution`."""
     if keep is not None:
         dataset = dataset.filter(keep)
     names = dataset.column_names
     if question_column is None and "prompt" in names and not any(name in names for name in QUESTION_COLUMNS):
         # TRL's own layout (`trl grpo` datasets): the prompt is ready, as text or messages; no template renders it.
+        if not _has_answer_column(names, answer_column, needs_answer):
+            return dataset.select_columns(["prompt"])
         answer_column = _pick_column(names, ANSWER_COLUMNS, answer_column, "answer", source)
         dataset = dataset.map(lambda row: {"solution": answer(row[answer_column])},
                               remove_columns=[name for name in names if name not in ("prompt", answer_column)])
         return _check_gold(dataset.select_columns(["prompt", "solution"]), source)
     question_column = _pick_column(dataset.column_names, QUESTION_COLUMNS, question_column, "question", source)
+    if not _has_answer_column(names, answer_column, needs_answer):
+        return dataset.map(lambda row: {"question": str(row[question_column])},
+                           remove_columns=dataset.column_names).select_columns(["question"])
     answer_column = _pick_column(dataset.column_names, ANSWER_COLUMNS, answer_column, "answer", source)
     dataset = dataset.map(
         lambda row: {"question": str(row[question_column]), "solution": answer(row[answer_column])},
@@ -117,7 +132,37 @@ def _check_gold(dataset, source):
     return dataset
 
 
-def load_local(path, question_column=None, answer_column=None, split="train"):
+def check_json_lines(path: Path) -> None:
+    """Every non-blank line of a JSONL file is a JSON object; else one line naming the file and the line."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
+                raise ValueError(f"{path}: line {number} is not valid JSON ({reason}).") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object of columns.")
+
+
+def check_json(path: Path) -> None:
+    """A JSON file parses (a JSONL file under a .json name is checked line by line); else its line and column."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # one object per line: what `datasets` reads as JSON Lines
+            check_json_lines(path)
+            return
+        raise ValueError(
+            f"{path}: line {error.lineno}, column {error.colno} is not valid JSON ({error.msg})."
+        ) from None
+
+
+def load_local(path, question_column=None, answer_column=None, split="train", needs_answer: bool = True):
     """A local JSON, JSONL, Parquet or CSV file; columns are detected unless given."""
     from datasets import load_dataset
 
@@ -127,9 +172,14 @@ def load_local(path, question_column=None, answer_column=None, split="train"):
     file_format = LOCAL_FORMATS.get(path.suffix)
     if file_format is None:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}.")
+    if path.suffix == ".jsonl":
+        check_json_lines(path)  # before `datasets`, whose error for a bad line is a long pyarrow traceback
+    elif path.suffix == ".json":
+        check_json(path)
     dataset = load_dataset(file_format, data_files=str(path), split=split)
     answer = last_boxed_content if answer_column == "solution" else str
-    return normalise_columns(dataset, question_column, answer_column, answer=answer, source=str(path))
+    return normalise_columns(dataset, question_column, answer_column, answer=answer, source=str(path),
+                             needs_answer=needs_answer)
 
 
 def load_preset(name, split=None, data_files=None):
@@ -214,8 +264,9 @@ def champ_problems():
 
 
 def load_math_dataset(name: str, *, split=None, question_column=None, answer_column=None, num_samples=256, seed=0,
-                      data_files=None, max_operand=20):
-    """Resolve a dataset name: a preset, `arithmetic`, `champ`, `reasoning-gym:<task>`, a local file or a hub id."""
+                      data_files=None, max_operand=20, needs_answer: bool = True):
+    """Resolve a dataset name: a preset, `arithmetic`, `champ`, `reasoning-gym:<task>`, a local file or a hub id.
+    `needs_answer=False` accepts a local file or hub dataset without an answer column (no reward reads one)."""
     if name in PRESETS:
         return load_preset(name, split=split, data_files=data_files)
     if name == "arithmetic":
@@ -225,7 +276,7 @@ def load_math_dataset(name: str, *, split=None, question_column=None, answer_col
     if name.startswith("reasoning-gym:"):
         return reasoning_gym_problems(name.split(":", 1)[1], num_samples=num_samples, seed=seed)
     if Path(name).suffix in LOCAL_FORMATS or Path(name).exists():
-        return load_local(name, question_column, answer_column)
+        return load_local(name, question_column, answer_column, needs_answer=needs_answer)
     from datasets import load_dataset
 
     try:
@@ -235,7 +286,7 @@ def load_math_dataset(name: str, *, split=None, question_column=None, answer_col
             f"dataset {name!r} is not a preset ({', '.join(PRESETS)}), an offline task ({', '.join(OFFLINE_TASKS)}), "
             f"a local file, or a loadable hub dataset: {error}"
         ) from error
-    return normalise_columns(dataset, question_column, answer_column, source=name)
+    return normalise_columns(dataset, question_column, answer_column, source=name, needs_answer=needs_answer)
 
 
 def with_prompts(dataset, template: PromptTemplate):

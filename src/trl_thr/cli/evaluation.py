@@ -1,5 +1,5 @@
-"""Greedy accuracy and unbiased Pass@K (`trl_thr.metrics.pass_at_k`, averaged over problems), with resumable generation and
-result files."""
+"""Greedy accuracy and unbiased Pass@K (`trl_thr.metrics.pass_at_k`, averaged over problems), with resumable
+generation and result files."""
 
 import hashlib
 import json

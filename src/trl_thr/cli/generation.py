@@ -44,13 +44,17 @@ def render_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+def adapter_has_tokenizer(adapter: str | None) -> bool:
+    """Whether an adapter was saved with its own tokenizer (e.g. by trl-thr train), which is then preferred."""
+    return adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
+
+
 def load_model_and_tokenizer(model_name_or_path: str, adapter: str | None = None, dtype: str = "auto", device=None):
     """A causal LM (optionally with a LoRA adapter merged in) in eval mode, and its tokenizer (left padding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # An adapter saved with its tokenizer (e.g. by trl-thr train) may have added tokens: prefer it.
-    has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter_has_tokenizer(adapter) else model_name_or_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
+# Files that hold a tokenizer's vocabulary, one of which a model directory needs: without any, transformers builds
+# an empty tokenizer and the run fails much later.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
 
 
 def cache_dir() -> Path:
@@ -116,8 +119,23 @@ def convert_gguf(gguf_file: Path, output_dir: Path) -> str:
     return str(output_dir)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A path or hub id that `from_pretrained` can load, resolving `builtin:` names and the SmolLM2 fallback."""
+def check_tokenizer_files(directory: str | Path) -> None:
+    """A local model directory holds a tokenizer (one of `TOKENIZER_FILES`); else one line naming what is missing."""
+    directory = Path(directory)
+    if directory.is_dir() and not any((directory / name).exists() for name in TOKENIZER_FILES):
+        present = "tokenizer_config.json is there but " if (directory / "tokenizer_config.json").exists() else ""
+        raise ValueError(
+            f"model {directory} has no tokenizer: {present}none of {', '.join(TOKENIZER_FILES)} is in it. Copy the "
+            "tokenizer files of the model it comes from into it (tokenizer_config.json with tokenizer.json, or "
+            "vocab.json with merges.txt)."
+        )
+
+
+def resolve_model(name_or_path: str, *, needs_tokenizer: bool = True) -> str:
+    """A path or hub id that `from_pretrained` can load, resolving `builtin:` names and the SmolLM2 fallback.
+
+    A local directory must hold a tokenizer unless `needs_tokenizer=False` (its tokenizer comes from elsewhere, e.g.
+    an adapter saved with one)."""
     if name_or_path.startswith(BUILTIN_PREFIX):
         name = name_or_path[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
@@ -132,6 +150,8 @@ def resolve_model(name_or_path: str) -> str:
             build_tiny_model(path, model_type=BUILTIN_MODELS[name])
         return str(path)
     if Path(name_or_path).exists():
+        if needs_tokenizer:
+            check_tokenizer_files(name_or_path)
         return name_or_path
     if name_or_path == SMOLLM2:
         cached = _hub_cached(SMOLLM2)

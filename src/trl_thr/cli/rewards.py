@@ -34,6 +34,7 @@ What happens when a reward misbehaves:
 """
 
 import importlib
+import inspect
 import logging
 import math
 import re
@@ -215,6 +216,17 @@ class AsyncGuardedReward(GuardedReward):
                 raise
             return self._none_batch(kwargs["completions"])
         return self._not_applicable_as_none(values)
+
+
+def reads_answer(func: Callable) -> bool:
+    """Whether a reward takes the gold answer, i.e. names a `solution` parameter (as every accuracy reward, TRL's
+    included, does). A callable whose signature cannot be read is assumed to."""
+    while isinstance(func, (TRLConventions, GuardedReward)):
+        func = func.func
+    try:
+        return "solution" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return True
 
 
 def load_reward_funcs(specs: list[str], on_error: str = "raise") -> list[Callable]:

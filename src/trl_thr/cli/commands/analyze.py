@@ -21,7 +21,6 @@ and incorrect completions and of the entropy is measured. Adds `dynamics.json`, 
 report.
 """
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from trl_thr.cli import parse_arguments, run
 from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli.dynamics import DEFAULT_ARMS
 from trl_thr.cli.errors import UsageError
+from trl_thr.cli.run_dir import check_writable
+from trl_thr.files import write_json_atomically, write_text_atomically
 
 
 @dataclass
@@ -174,18 +175,34 @@ def score_group(reward_funcs, weights, row: dict, samples, conversational: bool)
 def analyze(args):
     from tqdm.auto import tqdm
 
-    from trl_thr.cli.analysis import build_batch, histogram, html_report, thr_statistics, token_thr_and_entropy, top_tokens
-    from trl_thr.cli.generation import SamplingSettings, TransformersGenerator, load_model_and_tokenizer, render_prompt
+    check_writable(args.output_dir)  # before a model is loaded, with the system's reason
+
+    from trl_thr._trl_compat import logit_transform_from_config
+    from trl_thr.cli.analysis import (
+        build_batch,
+        histogram,
+        html_report,
+        thr_statistics,
+        token_thr_and_entropy,
+        top_tokens,
+    )
+    from trl_thr.cli.generation import (
+        SamplingSettings,
+        TransformersGenerator,
+        adapter_has_tokenizer,
+        load_model_and_tokenizer,
+        render_prompt,
+    )
     from trl_thr.cli.models import resolve_model
     from trl_thr.cli.rewards import load_reward_funcs
-    from trl_thr._trl_compat import logit_transform_from_config
 
     try:
         dataset, template = load_problems(args.dataset_name, args, seed=args.seed, data_files=args.dataset_data_files,
                                           max_samples=args.num_prompts, max_samples_field="num_prompts")
         settings = SamplingSettings(args.temperature, args.top_p, args.max_new_tokens)
-        model, tokenizer = load_model_and_tokenizer(resolve_model(args.model_name_or_path), args.adapter_name_or_path,
-                                                    args.dtype)
+        model_path = resolve_model(args.model_name_or_path,
+                                   needs_tokenizer=not adapter_has_tokenizer(args.adapter_name_or_path))
+        model, tokenizer = load_model_and_tokenizer(model_path, args.adapter_name_or_path, args.dtype)
         generator = TransformersGenerator(model, tokenizer, args.batch_size)
         specs = args.reward_funcs or ["accuracy_lenient" if args.lenient else "accuracy"]
         reward_funcs = load_reward_funcs(specs)
@@ -233,7 +250,6 @@ def analyze(args):
 
     top = top_tokens(thr, batch, decode, count=args.top_tokens)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     histogram(thr, batch, output_dir / "thr_histogram.png")
     config = {**asdict(args), "template": template.describe(), "reward_funcs": specs,
               "positive_reward_threshold": threshold}
@@ -243,9 +259,9 @@ def analyze(args):
         record["dynamics"] = run_dynamics(model, batch, shown_prompts, args, config, output_dir)
         dynamics_section = dynamics_html(record["dynamics"], args)
     title = f"THR of {args.model_name_or_path} on {args.dataset_name}"
-    (output_dir / "thr_report.html").write_text(html_report(batch, thr, decode, shown_prompts, stats, top, title,
-                                                            dynamics=dynamics_section))
-    (output_dir / "thr_analysis.json").write_text(json.dumps(record, indent=1))
+    write_text_atomically(output_dir / "thr_report.html",
+                          html_report(batch, thr, decode, shown_prompts, stats, top, title, dynamics=dynamics_section))
+    write_json_atomically(output_dir / "thr_analysis.json", record)
     return record
 
 
@@ -255,9 +271,15 @@ def run_dynamics(model, batch, shown_prompts, args, config: dict, output_dir: Pa
 
     from tqdm.auto import tqdm
 
-    from trl_thr.cli.dynamics import bar_chart, batch_dynamics, batches_of_groups, mixed_groups, select_groups
-    from trl_thr.cli.dynamics import summarize_dynamics
     from trl_thr._trl_compat import logit_transform_from_config
+    from trl_thr.cli.dynamics import (
+        bar_chart,
+        batch_dynamics,
+        batches_of_groups,
+        mixed_groups,
+        select_groups,
+        summarize_dynamics,
+    )
 
     configs = dynamics_configs(args)
     keep = mixed_groups(batch)
@@ -286,7 +308,7 @@ def run_dynamics(model, batch, shown_prompts, args, config: dict, output_dir: Pa
                          "reward_funcs": config["reward_funcs"],
                          "positive_reward_threshold": config["positive_reward_threshold"],
                          "seed": args.seed, "seconds": round(time.time() - started, 1)}}
-    (output_dir / "dynamics.json").write_text(json.dumps(result, indent=1))
+    write_json_atomically(output_dir / "dynamics.json", result)
     bar_chart(summary, output_dir / "dynamics.png")
     return result
 

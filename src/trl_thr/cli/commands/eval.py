@@ -15,8 +15,8 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli import parse_arguments, run
+from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli.errors import UsageError
 
 
@@ -109,20 +109,30 @@ def fingerprint(model_path: str, adapter: str | None, hashes) -> tuple[dict, dic
 
 def evaluate(args) -> dict:
     """Generate (resuming from the cache), grade and score; returns the result dict."""
-    from trl_thr.cli.evaluation import (EvalSettings, FileHashes, GenerationCache, check_ks, problems_digest,
-                                        run_generation, score)
-    from trl_thr.cli.generation import choose_backend, render_prompt
+    from trl_thr.cli.evaluation import (
+        EvalSettings,
+        FileHashes,
+        GenerationCache,
+        check_ks,
+        problems_digest,
+        run_generation,
+        score,
+    )
+    from trl_thr.cli.generation import adapter_has_tokenizer, choose_backend, render_prompt
     from trl_thr.cli.models import resolve_model
+    from trl_thr.cli.run_dir import check_writable
 
+    check_writable(args.output_dir)  # before a model is loaded, with the system's reason
     cache_dir = Path(args.output_dir) / "cache"
     try:
         ks = check_ks(args.k_values, args.n_samples)
         dataset, template = load_problems(args.benchmark, args, seed=args.seed, data_files=args.benchmark_data_files,
                                           max_samples=args.max_problems, max_samples_field="max_problems")
         backend = choose_backend(args.backend)
-        model_path = resolve_model(args.model_name_or_path)
         if args.adapter_name_or_path is not None and not Path(args.adapter_name_or_path).is_dir():
             raise ValueError(f"adapter_name_or_path={args.adapter_name_or_path}: not found (no such directory).")
+        model_path = resolve_model(args.model_name_or_path,
+                                   needs_tokenizer=not adapter_has_tokenizer(args.adapter_name_or_path))
         generate, tokenizer = make_generate(args, backend, model_path)
         hashes = FileHashes(cache_dir / "file_hashes.json")
         weights, adapter_weights = fingerprint(model_path, args.adapter_name_or_path, hashes)

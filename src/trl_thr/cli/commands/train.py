@@ -11,17 +11,24 @@ of `THRGRPOConfig`, the dataset/template/reward fields below, and the launch fie
 """
 
 import importlib.resources
-import os
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
-from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli import parse_arguments, run, split_config_flag
+from trl_thr.cli.arguments import ProblemArguments, load_problems
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli.launch import LaunchArguments, accelerate_launch_args, end_processes, launch_script, wants_launch
+from trl_thr.cli.launch import (
+    LaunchArguments,
+    accelerate_launch_args,
+    end_processes,
+    inside_launched_process,
+    launch_script,
+    wants_launch,
+)
+from trl_thr.cli.run_dir import RunRecord, current_run_id, prepare_output_dir, run_settings
+from trl_thr.cli.run_dir import interrupted_message as describe_interruption
 from trl_thr.thr_grpo_config import THRGRPOConfig
 
 DEMO_CONFIG = str(importlib.resources.files("trl_thr.cli.configs").joinpath("demo.yaml"))
@@ -54,10 +61,19 @@ class THRScriptArguments(ScriptArguments, ProblemArguments):
                   "choices": ["raise", "none"]},
     )
     plot: bool = field(default=True, metadata={"help": "Save thr_metrics.png (reward and THR metrics) at the end."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds checkpoints of another run: its checkpoint-* "
+                  "directories are deleted first. Without it, such a directory is refused."},
+    )
+    force_resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint even where it was trained with other settings (thr_*, data, "
+                  "model, optimisation), or has no trl_thr_run.json; the run record lists the differences."},
+    )
 
 
 DATACLASSES = (THRScriptArguments, THRGRPOConfig, ModelConfig, DatasetMixtureConfig, LaunchArguments)
-RUN_RECORD = "trl_thr_run.json"
 
 # `GRPOConfig` fields that TRL 1.16 checks only when it reaches them (the loss type at the first loss, minutes into a
 # run); checked here before a model is loaded. tests/test_cli.py compares them with TRL's help texts.
@@ -90,8 +106,9 @@ def check_choices(training_args) -> None:
             raise UsageError(f"{name}={value!r} is not one of {', '.join(choices)}.")
 
 
-def load_datasets(script_args, training_args, mixture_args):
-    """`(train, eval or None, template)`: datasets with `prompt` and `solution` columns."""
+def load_datasets(script_args, training_args, mixture_args, needs_answer: bool = True):
+    """`(train, eval or None, template)`: datasets with a `prompt` column, and a `solution` column where the data has
+    answers (required when `needs_answer`: a reward reads them)."""
     from trl import get_dataset
 
     from trl_thr.cli.data import limit, normalise_columns, with_prompts
@@ -101,13 +118,14 @@ def load_datasets(script_args, training_args, mixture_args):
     if mixture_args.datasets:
         template = get_template(script_args.prompt_template)
         train = normalise_columns(get_dataset(mixture_args)[script_args.dataset_train_split],
-                                  script_args.question_column, script_args.answer_column, source="datasets mixture")
+                                  script_args.question_column, script_args.answer_column, source="datasets mixture",
+                                  needs_answer=needs_answer)
         train = with_prompts(limit(train, script_args.max_train_samples, seed), template)
     elif script_args.dataset_name:
         train, template = load_problems(script_args.dataset_name, script_args, seed=seed,
                                         data_files=script_args.dataset_data_files,
                                         max_samples=script_args.max_train_samples,
-                                        max_samples_field="max_train_samples")
+                                        max_samples_field="max_train_samples", needs_answer=needs_answer)
     else:
         raise UsageError("no training data: set dataset_name (a preset, 'arithmetic', a file, a hub id) or datasets.")
     evaluation = None
@@ -116,29 +134,22 @@ def load_datasets(script_args, training_args, mixture_args):
             raise UsageError(f"eval_strategy={training_args.eval_strategy!r} needs eval_dataset_name.")
         evaluation, _ = load_problems(script_args.eval_dataset_name, script_args, seed=seed,
                                       max_samples=script_args.max_eval_samples,
-                                      max_samples_field="max_eval_samples")
+                                      max_samples_field="max_eval_samples", needs_answer=needs_answer)
     return train, evaluation, template
 
 
-def save_run_config(path: Path, script_args, model_args, training_args, launch_args, template, model_path,
-                    global_step: int):
-    """The run's settings, the template's full text and the model actually loaded, next to the saved model.
-
-    Written when the run has finished, atomically: a failed or interrupted run leaves the record of an earlier,
-    finished run in the same directory as it was.
-    """
-    from trl_thr.files import write_json_atomically
-
+def run_record(script_args, model_args, training_args, launch_args, template, model_path,
+               resumed_from: dict | None) -> RunRecord:
+    """The record of this run (see `trl_thr.cli.run_dir`): its settings, what it resumed from, the template's full
+    text, the model actually loaded and the versions that ran it."""
     import torch
     import transformers
     import trl
 
     import trl_thr
 
-    record = {
+    details = {
         "model": model_path,
-        "finished": True,
-        "global_step": global_step,
         "world_size": training_args.world_size,
         "template": template.describe(),
         "script_args": asdict(script_args),
@@ -149,23 +160,23 @@ def save_run_config(path: Path, script_args, model_args, training_args, launch_a
         "versions": {"trl_thr": trl_thr.__version__, "trl": trl.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }
-    write_json_atomically(path / RUN_RECORD, record, indent=2)
+    return RunRecord(training_args.output_dir, run_settings(script_args, model_args, training_args), resumed_from,
+                     details)
 
 
-def train(script_args, training_args, model_args, mixture_args, launch_args, model_path, demo: bool = False):
+def train(script_args, training_args, model_args, mixture_args, launch_args, model_path, demo: bool = False,
+          resumed_from: dict | None = None):
     from trl import get_peft_config, get_quantization_config
 
-    from trl_thr.cli.rewards import load_reward_funcs
+    from trl_thr.cli.rewards import load_reward_funcs, reads_answer
     from trl_thr.cli.summary import RunSummaryCallback
     from trl_thr.thr_grpo_trainer import THRGRPOTrainer
 
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is not None and not Path(checkpoint).is_dir():
-        raise UsageError(f"resume_from_checkpoint={checkpoint} is not a directory (e.g. {training_args.output_dir}"
-                         "/checkpoint-500).")
     try:
-        train_dataset, eval_dataset, template = load_datasets(script_args, training_args, mixture_args)
         reward_funcs = load_reward_funcs(script_args.reward_funcs, script_args.reward_on_error)
+        needs_answer = any(reads_answer(func) for func in reward_funcs)
+        train_dataset, eval_dataset, template = load_datasets(script_args, training_args, mixture_args, needs_answer)
         model_init_kwargs = {
             "revision": model_args.model_revision,
             "trust_remote_code": training_args.trust_remote_code,
@@ -173,6 +184,7 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
             "dtype": model_args.dtype,
         }
         training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+        record = run_record(script_args, model_args, training_args, launch_args, template, model_path, resumed_from)
         trainer = THRGRPOTrainer(
             model=model_path,
             reward_funcs=reward_funcs,
@@ -181,7 +193,7 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
             eval_dataset=eval_dataset,
             peft_config=get_peft_config(model_args),
             quantization_config=get_quantization_config(model_args),
-            callbacks=[RunSummaryCallback(plot=script_args.plot, demo=demo)],
+            callbacks=[RunSummaryCallback(plot=script_args.plot, demo=demo), record.callback()],
         )
     except (ValueError, OSError, ImportError) as error:  # OSError: model files that cannot be read
         raise UsageError(str(error)) from error
@@ -191,8 +203,7 @@ def train(script_args, training_args, model_args, mixture_args, launch_args, mod
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
-        save_run_config(Path(training_args.output_dir), script_args, model_args, training_args, launch_args, template,
-                        model_path, trainer.state.global_step)
+        record.finish(trainer.state.global_step)
     end_processes(trainer)
     return trainer
 
@@ -211,6 +222,14 @@ def main(argv: list[str] | None = None):
         raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
     if not model_args.model_name_or_path:
         raise UsageError("set model_name_or_path (a hub id, a local directory, or builtin:tiny-qwen2).")
+    current_run_id()  # made here, before any launch: the launched processes inherit it
+    resumed_from = prepare_output_dir(
+        training_args.output_dir, run_settings(script_args, model_args, training_args),
+        resume_from=training_args.resume_from_checkpoint,
+        # the launching process has deleted them already, once for every process
+        overwrite=script_args.overwrite_output_dir and not inside_launched_process(),
+        force_resume=script_args.force_resume,
+    )
     try:
         model_path = resolve_model(model_args.model_name_or_path)
     except (ValueError, RuntimeError) as error:
@@ -224,21 +243,15 @@ def main(argv: list[str] | None = None):
             raise UsageError(str(error)) from error
         launch_script(__file__, launch, argv + ["--model_name_or_path", model_path])
         return None
-    return train(script_args, training_args, model_args, mixture_args, launch_args, model_path, demo=demo)
+    return train(script_args, training_args, model_args, mixture_args, launch_args, model_path, demo=demo,
+                 resumed_from=resumed_from)
 
 
 def interrupted_message(argv: list[str]) -> str:
     """What an interrupted `trl-thr train` kept, for the one line the CLI prints on Ctrl-C."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     (_, training_args, *_), _ = parse_args(argv)
-    output_dir = training_args.output_dir
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if last is None:
-        strategy = getattr(training_args.save_strategy, "value", training_args.save_strategy)
-        return (f"no checkpoint was saved in {output_dir} (save_strategy={strategy}), so the "
-                "run cannot resume; rerun the same command to start again.")
-    return f"the last checkpoint is {last}; add --resume_from_checkpoint {last} to the same command to resume from it."
+    strategy = getattr(training_args.save_strategy, "value", training_args.save_strategy)
+    return describe_interruption(training_args.output_dir, strategy, training_args.resume_from_checkpoint)
 
 
 if __name__ == "__main__":  # `accelerate launch` runs this file

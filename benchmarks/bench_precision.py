@@ -3,19 +3,21 @@
     python benchmarks/bench_precision.py [--vocab 49152] [--hidden 576] [--groups 2] [--length 64] [--out FILE]
 
 TRL's chunked log-prob kernel (the trainer's log-probs) runs under bf16 autocast with float32 master weights, as in
-`bf16=True` training. THR is then computed from the same hidden states and head in four ways (inputs as stored or rounded like
-the trainer's bf16 projection; normaliser recovered from the trainer's log-probs or exact) and compared with a
-float64 THR of the same inputs: the relative L2 error of THR and the fraction of tokens whose positive-amplify weight
-(anchor threshold) differs. Prints a table and writes it as JSON.
+`bf16=True` training. THR is then computed from the same hidden states and head in four ways (inputs as stored or
+rounded like the trainer's bf16 projection; normaliser recovered from the trainer's log-probs or exact) and compared
+with a float64 THR of the same inputs: the relative L2 error of THR and the fraction of tokens whose positive-amplify
+weight (anchor threshold) differs; each variant's seconds are one call (`measure.clocked`). Prints a table and
+writes it as JSON.
 """
 
 import argparse
-import json
-import time
+import functools
 
+import measure
 import torch
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
 
+from trl_thr.files import write_json_atomically
 from trl_thr.thr import compute_thr, group_thresholds, thr_weights
 
 
@@ -76,11 +78,11 @@ def main():
         "mean": float((logprobs.double() - exact_logprobs).abs()[counted].mean()),
         "max": float((logprobs.double() - exact_logprobs).abs()[counted].max())}, "variants": {}}
     for name, (h, w, lp) in variants.items():
-        start = time.perf_counter()
-        thr = compute_thr(h, ids, mask, w, advantages, args.group_size, token_logprobs=lp)
-        seconds = time.perf_counter() - start
+        call = functools.partial(compute_thr, h, ids, mask, w, advantages, args.group_size, token_logprobs=lp)
+        thr, seconds = measure.clocked(call, hidden.device)
         error = float((thr.double() - reference).norm() / reference.norm())
-        flips = float((weights_of(thr, advantages, mask, args.group_size) != reference_weights)[counted].float().mean())
+        flipped = weights_of(thr, advantages, mask, args.group_size) != reference_weights
+        flips = float(flipped[counted].float().mean())
         results["variants"][name] = {"thr_relative_l2": error, "weights_flipped": flips, "seconds": seconds}
 
     print(f"trainer log-prob error vs float64 (nats): mean {results['trainer_logprob_error_nats']['mean']:.4f}, "
@@ -89,8 +91,7 @@ def main():
     for name, row in results["variants"].items():
         print(f"{name:<84} {row['thr_relative_l2']:>9.2e} {row['weights_flipped']:>9.2%} {row['seconds']:>8.2f}")
     if args.out:
-        with open(args.out, "w") as file:
-            json.dump(results, file, indent=2)
+        write_json_atomically(args.out, results, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     python benchmarks/bench_step.py --out bench_step.json                # the demo (SmolLM2-135M offline, CPU)
     python benchmarks/bench_step.py --tiny --out /tmp/bench_step.json    # seconds: builtin:tiny-qwen2, smoke run
 
-The arms are plain `trl.GRPOTrainer` and `THRGRPOTrainer`, with each `thr_hidden_source` ("forward", "generate")
-when `THRGRPOConfig` has that field (else the one THR path it has). Every arm is built from the demo config
+The arms are plain `trl.GRPOTrainer` and `THRGRPOTrainer` with each `thr_hidden_source` ("forward", "generate";
+`gpu_check.THR_ARMS`). Every arm is built from the demo config
 (`trl_thr/cli/configs/demo.yaml`: model, dataset, template, rewards, batch, lengths, temperature, seed) exactly as
 `trl-thr train` builds it, and trains from the same seed on the same data. To be fair to a machine whose speed
 drifts (other jobs, thermal), all arms are alive at once, each training in its own thread, and they take optimizer
@@ -19,8 +19,9 @@ It also times the THR kernel against one LM-head log-prob pass over the same tok
 measures what THR holds during the demo's steps: the captured `(B, T, d)` states, `|V'|`, and the kernel's peak
 tensor memory (profiled afterwards on the first call's own inputs, outside the timed steps).
 
-Results are written as JSON (atomically, after every arm run), with the machine's load averages before and after:
-the numbers are only comparable within one run. Nothing is asserted; the script measures.
+Results are written as JSON (atomically, after every step), with the machine's load averages before and after:
+the numbers are only comparable within one run. Times, memory and load come from `measure.py`, the kernel comparison
+and the recording of THR calls from `gpu_check.py`. Nothing is asserted; the script measures.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpu_check  # noqa: E402  (the shared measuring helpers)
+import gpu_check  # noqa: E402  (the kernel comparison and the recording of THR calls)
+import measure  # noqa: E402
+
+from trl_thr.files import write_json_atomically  # noqa: E402
 
 
 def demo_arguments(config_path: str) -> tuple[dict, dict, dict]:
@@ -65,8 +69,8 @@ def demo_arguments(config_path: str) -> tuple[dict, dict, dict]:
     return split[THRScriptArguments], split[ModelConfig], split[THRGRPOConfig]
 
 
-def build_arms(training: dict, model_args, output_dir: Path, max_steps: int):
-    """`[(name, trainer class, config)]`: GRPO and one THR arm per hidden-state source, same fields otherwise."""
+def build_arms(training: dict, model_args, output_dir: Path, max_steps: int) -> list:
+    """`[(name, trainer class, make config)]`: GRPO and one THR arm per hidden-state source, same fields otherwise."""
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_thr import THRGRPOConfig, THRGRPOTrainer
@@ -77,11 +81,10 @@ def build_arms(training: dict, model_args, output_dir: Path, max_steps: int):
               "model_init_kwargs": {"dtype": model_args.dtype, "revision": model_args.model_revision,
                                     "attn_implementation": model_args.attn_implementation}}
     grpo = {k: v for k, v in common.items() if k in grpo_fields}
-    thr_arms, note = gpu_check.thr_arms({f.name for f in dataclasses.fields(THRGRPOConfig)})
     arms = [("grpo", GRPOTrainer, lambda: GRPOConfig(**grpo))]
-    for name, extra in thr_arms:
+    for name, extra in gpu_check.THR_ARMS:
         arms.append((name, THRGRPOTrainer, lambda extra=extra: THRGRPOConfig(**common, **extra)))
-    return arms, note
+    return arms
 
 
 class Turns:
@@ -134,32 +137,24 @@ class Turns:
 
 
 def turn_clock(name: str, turns: Turns, device, on_step_end, stop_at: float = math.inf):
-    """A `TrainerCallback` that waits for the arm's turn at each step start, then times the step; past the
-    `time.time()` value `stop_at` it ends training after the current step."""
-    from transformers import TrainerCallback
+    """A step clock (`measure.step_clock`) that, before every step but the first, hands the turn on and waits for
+    it to come back, and after every step calls `on_step_end()`; past the `time.time()` value `stop_at` it ends
+    training after the current step."""
+    steps_begun = 0
 
-    class TurnClock(TrainerCallback):
-        def __init__(self):
-            self.seconds: list[float] = []
-            self._start = None
-            self._begun = 0
+    def take_turn():
+        nonlocal steps_begun
+        if steps_begun:
+            turns.hand_on(name)
+            turns.wait(name)
+        steps_begun += 1
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if self._begun:
-                turns.hand_on(name)
-                turns.wait(name)
-            self._begun += 1
-            gpu_check.synchronize(device)
-            self._start = time.perf_counter()
+    def after_step(control):
+        on_step_end()
+        if time.time() > stop_at:
+            control.should_training_stop = True
 
-        def on_step_end(self, args, state, control, **kwargs):
-            gpu_check.synchronize(device)
-            self.seconds.append(time.perf_counter() - self._start)
-            on_step_end()
-            if time.time() > stop_at:
-                control.should_training_stop = True
-
-    return TurnClock()
+    return measure.step_clock(device, before_step=take_turn, after_step=after_step)
 
 
 def train_in_turns(arms, model_path, train_dataset, reward_funcs, device, on_step_end, clocks: dict,
@@ -202,6 +197,27 @@ def train_in_turns(arms, model_path, train_dataset, reward_funcs, device, on_ste
     return state
 
 
+def thr_memory_formula(batch_rows: int, length: int, hidden_size: int, vocab_size: int, distinct_ids: int,
+                       hidden_bytes: int, head_bytes: int, block_elements: int, group_tokens: int) -> dict:
+    """What THR adds at its peak, in bytes, from tensor sizes: numel x element size.
+
+    - captured states `B x T x d` in the training dtype (the capture THR keeps between the forward and the kernel);
+    - the LM head `V x d` gathered whole under ZeRO-3/FSDP2 for the kernel (0 when the head is not sharded: the
+      kernel reads the model's own parameter);
+    - the kernel's working set: one (tokens x vocabulary) float32 block, `min(thr_block_elements, N_g |V'|)`
+      values for a group of `N_g` (`group_tokens`) tokens, and the `|V'| x d` float32 influence matrix with the
+      head rows it reads.
+    """
+    captured = batch_rows * length * hidden_size * hidden_bytes
+    gathered_head = vocab_size * hidden_size * head_bytes
+    kernel_block = min(block_elements, group_tokens * distinct_ids) * 4
+    influence = 2 * distinct_ids * hidden_size * 4
+    return {"captured_states_bytes": captured, "gathered_head_bytes_if_sharded": gathered_head,
+            "kernel_block_bytes": kernel_block, "influence_and_head_rows_bytes": influence,
+            "total_unsharded_bytes": captured + kernel_block + influence,
+            "total_sharded_bytes": captured + gathered_head + kernel_block + influence}
+
+
 def thr_memory(records: list[dict]) -> dict:
     """What THR held in the demo's steps (from its calls' tensors) and the kernel's measured peak."""
     from trl_thr import compute_thr
@@ -217,11 +233,11 @@ def thr_memory(records: list[dict]) -> dict:
     args, kwargs = first.get("_inputs", ((), {}))
     G = args[5] if len(args) > 5 else B
     group_tokens = int(args[2].reshape(-1, G * T).sum(1).max()) if args else G * T
-    formula = gpu_check.thr_memory_formula(B, T, d, V, largest_vprime, element, head_element,
-                                           first["block_elements"] or 2**24, group_tokens)
+    formula = thr_memory_formula(B, T, d, V, largest_vprime, element, head_element, first["block_elements"],
+                                 group_tokens)
     measured = {}
     if args:
-        measured["kernel_peak_bytes"] = gpu_check.cpu_peak_tensor_bytes(lambda: compute_thr(*args, **kwargs))
+        measured["kernel_peak_bytes"] = measure.cpu_peak_tensor_bytes(lambda: compute_thr(*args, **kwargs))
         measured["kernel_peak_measured_with"] = "torch.profiler CPU allocations on the first call's inputs"
     return {"calls": len(records), "batch_rows_B": B, "completion_length_T_max": max(r["hidden_shape"][1]
                                                                                      for r in records),
@@ -232,8 +248,8 @@ def thr_memory(records: list[dict]) -> dict:
 
 
 def summarise_arms(timed: dict[str, list[float]]) -> dict:
-    """`gpu_check.summary` of each arm's timed steps, with the overhead of each THR arm over GRPO in %."""
-    table = {name: gpu_check.summary(seconds) for name, seconds in timed.items()}
+    """`measure.summary` of each arm's timed steps, with the overhead of each THR arm over GRPO in %."""
+    table = {name: measure.summary(seconds) for name, seconds in timed.items()}
     base = table.get("grpo", {})
     for name, row in table.items():
         if name != "grpo" and base.get("median") and row["median"]:
@@ -264,12 +280,12 @@ def measure_steps(record, args, arms, model_path, train_dataset, reward_funcs, d
     def save_progress():  # runs in the arm that holds the turn, so never concurrently
         record["step_s"] = {name: list(clock.seconds) for name, clock in clocks.items()}
         record["steps"] = summarise_arms({name: seconds[args.warmup:] for name, seconds in record["step_s"].items()})
-        gpu_check.write_json_atomic(out, record)
+        write_json_atomically(out, record)
 
     stop_at = time.time() + args.time_limit_s if args.time_limit_s else math.inf
     state = train_in_turns(arms, model_path, train_dataset, reward_funcs, device, save_progress, clocks, stop_at)
     save_progress()
-    record["load_after_steps"] = gpu_check.load_averages()
+    record["load_after_steps"] = measure.load_averages()
     record["errors"] = {name: arm["error"] for name, arm in state.items() if arm["error"]}
     record["thr_metrics"] = {name: gpu_check.thr_log_metrics(arm["log_history"]) for name, arm in state.items()}
     record["trl_step_time"] = {name: [e["step_time"] for e in arm["log_history"] if "step_time" in e]
@@ -303,13 +319,14 @@ def markdown(record: dict) -> str:
     for name, row in record.get("steps", {}).items():
         if not row["n"]:
             continue
-        overhead = "-" if name == "grpo" else f"{row['overhead_median_pct']:+.1f} % / {row['overhead_mean_pct']:+.1f} %"
+        overhead = "-" if name == "grpo" else (f"{row['overhead_median_pct']:+.1f} % / "
+                                               f"{row['overhead_mean_pct']:+.1f} %")
         lines.append(f"| {name} | {row['n']} | {row['mean']:.3f} | {row['median']:.3f} | {row['min']:.3f}-"
                      f"{row['max']:.3f} | {row['stdev']:.3f} | {overhead} |")
     kernel = record.get("kernel")
     if isinstance(kernel, dict) and "lm_head_s" in kernel:
-        lines += ["", "| kernel (d, V, tokens) | |V'| per group | LM-head pass (s) | THR sampled (s) | THR / LM head | "
-                  "bound 2 |V'| / V |", "|---|---|---|---|---|---|",
+        lines += ["", "| kernel (d, V, tokens) | |V'| per group | LM-head pass (s) | THR sampled (s) | "
+                  "THR / LM head | bound 2 |V'| / V |", "|---|---|---|---|---|---|",
                   f"| {kernel['hidden_size']}, {kernel['vocab_size']}, {kernel['tokens']} | "
                   f"{kernel['distinct_ids_per_group']} | {kernel['lm_head_s']['median']:.3f} | "
                   f"{kernel['thr_sampled_s']['median']:.4f} | {kernel['thr_sampled_over_lm_head']:.2%} | "
@@ -332,7 +349,7 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-vocab-size", type=int, default=151936)
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--skip-steps", action="store_true", help="only the kernel comparison")
-    parser.add_argument("--arms", nargs="+", help="only these arms (grpo, thr_forward, thr_generate or thr)")
+    parser.add_argument("--arms", nargs="+", help="only these arms (grpo, thr_forward, thr_generate)")
     parser.add_argument("--time-limit-s", type=float,
                         help="stop every arm after the step that passes this many seconds of training")
     parser.add_argument("--tiny", action="store_true",
@@ -357,12 +374,12 @@ def main(argv=None) -> int:
     from trl import ModelConfig
 
     from trl_thr.cli.arguments import load_problems
+    from trl_thr.cli.commands.train import THRScriptArguments
     from trl_thr.cli.models import resolve_model
     from trl_thr.cli.rewards import load_reward_funcs
-    from trl_thr.cli.commands.train import THRScriptArguments
 
     out = Path(args.out)
-    record = {"command": [sys.executable, *sys.argv], "config": args.config, "load_before": gpu_check.load_averages(),
+    record = {"command": [sys.executable, *sys.argv], "config": args.config, "load_before": measure.load_averages(),
               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "finished": False}
     record["source"] = source_revision()
@@ -379,7 +396,7 @@ def main(argv=None) -> int:
     reward_funcs = load_reward_funcs(script.reward_funcs, script.reward_on_error)
 
     work = Path(tempfile.mkdtemp(prefix="thr-bench-step-"))
-    arms, note = build_arms(training, model_args, work, args.warmup + args.steps)
+    arms = build_arms(training, model_args, work, args.warmup + args.steps)
     if args.arms:
         unknown = set(args.arms) - {name for name, _, _ in arms}
         if unknown:
@@ -387,13 +404,13 @@ def main(argv=None) -> int:
         arms = [arm for arm in arms if arm[0] in args.arms]
     record.update(model=model_args.model_name_or_path, model_path=model_path, device=str(device),
                   warmup_steps=args.warmup, timed_steps=args.steps, schedule="one step per arm in rotation",
-                  arms=[name for name, _, _ in arms], arm_note=note,
+                  arms=[name for name, _, _ in arms],
                   settings={k: training.get(k) for k in ("per_device_train_batch_size", "num_generations",
                                                          "max_completion_length", "temperature", "seed",
                                                          "learning_rate", "thr_strategy", "thr_p")})
     if not args.skip_steps:
         measure_steps(record, args, arms, model_path, train_dataset, reward_funcs, device, out)
-    gpu_check.write_json_atomic(out, record)
+    write_json_atomically(out, record)
 
     if not args.skip_kernel:
         scale = replace(gpu_check.SCALES["h100"], hidden_size=args.kernel_hidden_size,
@@ -405,10 +422,10 @@ def main(argv=None) -> int:
                                                            device, vocabs=("sampled",))
         except Exception as error:  # the step table above is the main result: keep it
             record["kernel"] = gpu_check.error_record(error)
-    record["load_after"] = gpu_check.load_averages()
+    record["load_after"] = measure.load_averages()
     record["finished"] = True
     record["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    gpu_check.write_json_atomic(out, record)
+    write_json_atomically(out, record)
     print(markdown(record))
     print(f"\nload averages before {record['load_before'].get('uptime', '')}\n"
           f"load averages after  {record['load_after'].get('uptime', '')}\nresults in {out}")

@@ -15,11 +15,13 @@ package keeps no old copy), on the same inputs, and checks that both give the sa
 out the LM-head pass (the slowest part on a CPU): the log-prob of each sampled token is then `z_y - LSE` with the
 log-normaliser of Gaussian logits, `LSE = log V + var(z) / 2`, close to the true one for these random weights.
 
-Prints a markdown table; nothing is asserted.
+Times are medians: of `--repeats` calls after a warm-up in part 1 (`measure.timed`), of the steps after the first
+in part 2 (`measure.step_clock`). Prints a markdown table; nothing is asserted.
 """
 
 import argparse
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -28,10 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
+import measure
 import torch
 
 from trl_thr import compute_thr
@@ -46,23 +48,6 @@ def kernel_at_revision(revision):
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source, f"{revision}:src/trl_thr/thr.py", "exec"), module.__dict__)
     return module.compute_thr
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def zipf_ids(shape, vocab_size, generator, exponent=1.1):
@@ -120,8 +105,9 @@ def kernel_table(args):
         batch = g * args.groups
         hidden = torch.randn(batch, length, args.hidden_size, generator=gen).to(device, dtype)
         ids = zipf_ids((batch, length), args.vocab_size, gen).to(device)
-        lengths = torch.randint(1, length + 1, (batch, 1), generator=gen) if args.ragged else length
-        mask = (torch.arange(length) < lengths).long().to(device)
+        full = torch.full((batch, 1), length)
+        lengths = torch.randint(1, length + 1, (batch, 1), generator=gen) if args.ragged else full
+        mask = (torch.arange(length) < lengths).long().to(device)  # (batch, length)
         advantages = torch.tensor(([1.0] * (g // 4) + [-0.5] * (g - g // 4)) * args.groups, device=device)
         chunk = max(1, 2**26 // (batch * length))
         reset_peak(device)
@@ -129,7 +115,8 @@ def kernel_table(args):
         if args.skip_lm_head:
             head_seconds, logps = None, approximate_logps(hidden, weight, ids)
         else:
-            head_seconds = timed(lambda: lm_head_logps(hidden, weight, ids, chunk), device, args.repeats)
+            head = functools.partial(lm_head_logps, hidden, weight, ids, chunk)
+            head_seconds = measure.timed(head, device, args.repeats)["median"]
             logps = lm_head_logps(hidden, weight, ids, chunk)
         distinct = max(ids[k * g : (k + 1) * g][mask[k * g : (k + 1) * g].bool()].unique().numel()
                        for k in range(args.groups))
@@ -139,12 +126,13 @@ def kernel_table(args):
             kwargs = dict(vocab=vocab, include_self=not args.exclude_self, token_logprobs=logps)
             repeats = args.repeats if vocab == "sampled" else 1
             reset_peak(device)
-            seconds = timed(lambda: compute_thr(hidden, ids, mask, weight, advantages, g, **kwargs), device, repeats)
+            thr = functools.partial(compute_thr, hidden, ids, mask, weight, advantages, g, **kwargs)
+            seconds = measure.timed(thr, device, repeats)["median"]
             memory = peak_memory(device) - base_mem
             previous_seconds = None
             if previous is not None:
-                previous_seconds = timed(lambda: previous(hidden, ids, mask, weight, advantages, g, **kwargs),
-                                         device, repeats)
+                old = functools.partial(previous, hidden, ids, mask, weight, advantages, g, **kwargs)
+                previous_seconds = measure.timed(old, device, repeats)["median"]
                 torch.testing.assert_close(compute_thr(hidden, ids, mask, weight, advantages, g, **kwargs),
                                            previous(hidden, ids, mask, weight, advantages, g, **kwargs),
                                            rtol=1e-3, atol=1e-5)
@@ -156,11 +144,12 @@ def kernel_table(args):
 
 def step_table(args):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny import build_tiny_model, length_reward, tiny_dataset
+    from helpers import length_reward, tiny_dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_thr import THRGRPOConfig, THRGRPOTrainer
+    from trl_thr.tiny import build_tiny_model
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,13 +163,13 @@ def step_table(args):
             ("THRGRPOTrainer (sampled)", THRGRPOTrainer, THRGRPOConfig(**common)),
             ("THRGRPOTrainer (full)", THRGRPOTrainer, THRGRPOConfig(**common, thr_vocab="full")),
         ):
+            clock = measure.step_clock(torch.device(args.device))
             trainer = trainer_cls(model=model_path, reward_funcs=length_reward, args=config,
-                                  train_dataset=tiny_dataset())
+                                  train_dataset=tiny_dataset(), callbacks=[clock])
             trainer.remove_callback(PrinterCallback)
-            start = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints; keep stdout for the tables
                 trainer.train()
-            wall = (time.perf_counter() - start) / args.steps
+            wall = statistics.median(clock.seconds[1:])  # drop the warm-up step
             logs = [e for e in trainer.state.log_history if "step_time" in e][1:]  # drop the warm-up step
             thr = [e.get("thr/seconds", 0.0) + e.get("thr/forward_seconds", 0.0) for e in logs]
             results[name] = (wall, statistics.median(e["step_time"] for e in logs), statistics.median(thr))

@@ -15,7 +15,7 @@ Phases, in this order; `results.json` is rewritten atomically when each starts a
 leaves every finished phase on disk, and a failing phase records its error and traceback while the others run:
 
 - `environment`: versions (python, torch, CUDA, triton, transformers, accelerate, trl, datasets, peft, deepspeed),
-  device name and memory, which optional trl-thr pieces are present;
+  device name and memory, the `thr_*` fields of `THRGRPOConfig`;
 - `kernel`: `trl_thr.thr.compute_thr` (sampled and full vocabulary) vs TRL's fused LM-head log-prob pass (the
   `ChunkedLogProbFunction` call of `trl.trainer.utils.add_fused_lm_head`) over the same tokens at d = 1536,
   V = 151,936: time, peak memory, CUDA host syncs, and the algorithmic bound `2 |V'| / V` next to the ratio;
@@ -23,28 +23,28 @@ leaves every finished phase on disk, and a failing phase records its error and t
   TRL's bf16 log-probs; and with the streamed fp32 normaliser) vs float64: relative L2 error and the fraction of
   weights that flip under `positive-amplify` with the anchor threshold;
 - `generate_capture`: hidden states captured during KV-cache `generate` vs a teacher-forced forward, in bf16, and
-  the THR each gives (`trl_thr.generation_capture` when it exists, else a forward hook on the backbone);
-- `trainer_step`: `GRPOTrainer` vs `THRGRPOTrainer` (each `thr_hidden_source` the config offers) on a randomly
+  the THR each gives (`trl_thr.generation_capture.GenerationCapture`);
+- `trainer_step`: `GRPOTrainer` vs `THRGRPOTrainer` (`thr_hidden_source` "forward" and "generate") on a randomly
   initialised Qwen2.5-1.5B-shaped model with HF generate: per-step wall time after a warm-up, peak memory, and what
   each THR call held (captured states, `|V'|`, the call's own peak);
 - `sharded`: a single-process DeepSpeed ZeRO-3 run and an FSDP2 run of `THRGRPOTrainer` through `accelerate
   launch`, each skipped with its reason where it cannot run.
 
 Nothing is asserted: the check measures. `--fail-phase NAME` makes a phase raise at its start (to test that the
-others still run). Only public trl-thr and TRL entry points are used, and optional APIs are guarded, so the check
-runs on the older transformers of the GPU machine.
+others still run). Where TRL's fused-head kernel cannot be imported, the LM-head pass is a chunked float32
+log-softmax (the record says which); DeepSpeed, absent on the GPU machine, is skipped with its reason. Timing, memory
+and sync counting come from `measure.py`, shared with the other benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
-import importlib
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import socket
@@ -55,11 +55,13 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import measure
 import torch
+
+from trl_thr.files import write_json_atomically
 
 PHASES = ("environment", "kernel", "numerics", "generate_capture", "trainer_step", "sharded")
 # Phases are not started with less than this many seconds of the budget left (their expected cost at full scale).
@@ -109,14 +111,6 @@ SCALES = {
 # ---- results on disk -------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write `record` so that a kill at any moment leaves either the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str, allow_nan=True))
-    os.replace(tmp, path)
-
-
 def error_record(error: BaseException) -> dict:
     """The error in one line and the last frames of its traceback."""
     lines = traceback.format_exception(type(error), error, error.__traceback__)
@@ -128,99 +122,6 @@ class PhaseFailure(RuntimeError):
     """Raised on purpose by `--fail-phase`."""
 
 
-# ---- timing and memory -----------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def summary(values: list[float]) -> dict:
-    """mean, median, min, max and standard deviation of a list of seconds (empty list: all None)."""
-    if not values:
-        return {"n": 0, "mean": None, "median": None, "min": None, "max": None, "stdev": None}
-    return {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
-            "min": min(values), "max": max(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def timed(fn, device: torch.device, repeats: int = 3) -> dict:
-    """Seconds per call of `fn` after one warm-up call: `summary` of `repeats` calls."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return summary(times)
-
-
-def cpu_peak_tensor_bytes(fn) -> int:
-    """Peak bytes of CPU tensors allocated (and not yet freed) while `fn` runs, above what existed before.
-
-    torch allocates outside Python's allocator, so tracemalloc sees nothing. The profiler records each tensor
-    allocation and free with its op; their running sum in time order is the live tensor memory `fn` added.
-    Allocations freed inside the same op are not seen, so this is a lower bound on the true peak.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
-def peak_tensor_bytes(fn, device: torch.device) -> tuple[int, str]:
-    """`(peak bytes fn adds, how it was measured)`: the CUDA caching allocator's peak, or the CPU profiler's."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
-    return cpu_peak_tensor_bytes(fn), "torch.profiler CPU allocations (lower bound)"
-
-
-def mib(num_bytes: float | None) -> float | None:
-    return None if num_bytes is None else round(num_bytes / 2**20, 2)
-
-
-def count_cuda_syncs(fn, device: torch.device) -> int | None:
-    """How many synchronising CUDA calls `fn` makes (`torch.cuda.set_sync_debug_mode`), None off CUDA."""
-    if device.type != "cuda" or not hasattr(torch.cuda, "set_sync_debug_mode"):
-        return None
-    synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def load_averages() -> dict:
-    """1, 5 and 15 minute load averages and the `uptime` line: how busy a shared machine was."""
-    record = {}
-    with contextlib.suppress(OSError):
-        record["load_1m"], record["load_5m"], record["load_15m"] = os.getloadavg()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        record["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    record["cpu_count"] = os.cpu_count()
-    return record
-
-
 # ---- inputs ------------------------------------------------------------------------------------------------------
 
 
@@ -229,8 +130,9 @@ def synthetic_batch(scale: Scale, device: torch.device, seed: int = 0, dtype: to
 
     Each hidden state has a target logit 10-16 above the bulk on a Zipf-chosen token, so the group's distinct ids
     `|V'|` are a few thousand at Qwen's shape, as in real completions. Hidden states and head are in `dtype` (bf16,
-    the shipped training precision, by default); rows are `T/2..T` tokens long, right-padded; every group has positive and negative rows.
-    Returns `hidden (B, T, d)`, `weight (V, d)`, `ids (B, T)`, `mask (B, T)`, `advantages (B,)` and `G`.
+    the shipped training precision, by default); rows are `T/2..T` tokens long, right-padded; every group has
+    positive and negative rows. Returns `hidden (B, T, d)`, `weight (V, d)`, `ids (B, T)`, `mask (B, T)`,
+    `advantages (B,)` and `G`.
     """
     gen = torch.Generator().manual_seed(seed)
     d, V, G = scale.hidden_size, scale.vocab_size, scale.num_generations
@@ -351,25 +253,25 @@ def kernel_vs_lm_head(b: dict, device: torch.device, vocabs=("sampled", "full"),
     # THR needs at least the logits on V' and the projection M h on V' for every token: 2 N |V'| d multiply-adds
     # against the N V d of one LM-head pass.
     res["bound_2V'/V"] = 2 * statistics.fmean(distinct) / V
-    res["lm_head_s"] = timed(head, device, repeats)
-    peak, res["memory_measured_with"] = peak_tensor_bytes(head, device)
-    res["lm_head_peak_MiB"] = mib(peak)
+    res["lm_head_s"] = measure.timed(head, device, repeats)
+    peak, res["memory_measured_with"] = measure.peak_tensor_bytes(head, device)
+    res["lm_head_peak_MiB"] = measure.mib(peak)
 
     def thr(vocab):
         return lambda: compute_thr(b["hidden"], b["ids"], b["mask"], b["weight"], b["advantages"], G, vocab=vocab,
                                    token_logprobs=log_probs)
 
     for vocab in vocabs:
-        res[f"thr_{vocab}_s"] = timed(thr(vocab), device, repeats if vocab == "sampled" else 1)
-        res[f"thr_{vocab}_peak_MiB"] = mib(peak_tensor_bytes(thr(vocab), device)[0])
+        res[f"thr_{vocab}_s"] = measure.timed(thr(vocab), device, repeats if vocab == "sampled" else 1)
+        res[f"thr_{vocab}_peak_MiB"] = measure.mib(measure.peak_tensor_bytes(thr(vocab), device)[0])
         res[f"thr_{vocab}_over_lm_head"] = res[f"thr_{vocab}_s"]["median"] / res["lm_head_s"]["median"]
-        res[f"thr_{vocab}_cuda_syncs_per_call"] = count_cuda_syncs(thr(vocab), device)
+        res[f"thr_{vocab}_cuda_syncs_per_call"] = measure.count_cuda_syncs(thr(vocab), device)
     if device.type == "cuda" and "sampled" in vocabs:
         previous = torch.backends.cuda.matmul.allow_tf32
         reference = thr("sampled")()
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            res["thr_sampled_tf32_s"] = timed(thr("sampled"), device, repeats)
+            res["thr_sampled_tf32_s"] = measure.timed(thr("sampled"), device, repeats)
             res["thr_sampled_tf32_vs_fp32"] = thr_weight_flips(thr("sampled")(), reference, b["advantages"],
                                                                b["mask"], G)
         finally:
@@ -425,18 +327,8 @@ def prompt_dataset(num_prompts: int = 64):
     return Dataset.from_dict({"prompt": [f"What is {i} + {i + 3}?" for i in range(num_prompts)]})
 
 
-def thr_config_fields() -> set[str]:
-    from trl_thr import THRGRPOConfig
-
-    return {f.name for f in fields(THRGRPOConfig)}
-
-
-def thr_arms(config_fields: set[str]) -> tuple[list[tuple[str, dict]], str | None]:
-    """THR arms to time: one per `thr_hidden_source` when the config has that field, else the default path."""
-    if "thr_hidden_source" in config_fields:
-        return [("thr_forward", {"thr_hidden_source": "forward"}),
-                ("thr_generate", {"thr_hidden_source": "generate"})], None
-    return [("thr", {})], "THRGRPOConfig has no thr_hidden_source field: one THR arm (its only hidden-state path)"
+# The THR arms of `trainer_step` (and of `bench_step.py`): one per hidden-state source.
+THR_ARMS = (("thr_forward", {"thr_hidden_source": "forward"}), ("thr_generate", {"thr_hidden_source": "generate"}))
 
 
 # ---- what THR holds during training ----------------------------------------------------------------------------
@@ -451,8 +343,8 @@ def recording_thr_calls(device: torch.device, keep_first_inputs: bool = False):
     (its record's `"_inputs"`) so that its memory can be profiled afterwards, outside the timed steps.
     """
     import trl_thr.thr as thr_module
-    from trl_thr.thr import active_groups
     import trl_thr.thr_grpo_trainer as trainer_module
+    from trl_thr.thr import active_groups
 
     original = thr_module.compute_thr
     records: list[dict] = []
@@ -466,22 +358,20 @@ def recording_thr_calls(device: torch.device, keep_first_inputs: bool = False):
             "lm_head_shape": list(lm_head_weight.shape), "lm_head_dtype": str(lm_head_weight.dtype),
             "lm_head_bytes": lm_head_weight.numel() * lm_head_weight.element_size(),
             "vocab": kwargs.get("vocab", "sampled"),
-            "block_elements": kwargs.get("block_elements", getattr(thr_module, "DEFAULT_BLOCK_ELEMENTS", None)),
+            "block_elements": kwargs.get("block_elements", thr_module.DEFAULT_BLOCK_ELEMENTS),
             "distinct_ids_per_group": distinct_ids_per_group(completion_ids, completion_mask, num_generations),
             "active_groups": int(active_groups(advantages, completion_mask, num_generations,
                                                kwargs.get("positive_mask")).sum()),
             "thread": threading.current_thread().name,  # which trainer, when several train in turns
         }
         if device.type == "cuda":
-            synchronize(device)
+            measure.synchronize(device)
             state["running_peak"] = max(state["running_peak"], torch.cuda.max_memory_allocated(device))
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        result = original(hidden_states, completion_ids, completion_mask, lm_head_weight, advantages,
-                          num_generations, *args, **kwargs)
-        synchronize(device)
-        record["seconds"] = time.perf_counter() - start
+        call = functools.partial(original, hidden_states, completion_ids, completion_mask, lm_head_weight,
+                                 advantages, num_generations, *args, **kwargs)
+        result, record["seconds"] = measure.clocked(call, device)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
             state["running_peak"] = max(state["running_peak"], peak)
@@ -493,7 +383,7 @@ def recording_thr_calls(device: torch.device, keep_first_inputs: bool = False):
         records.append(record)
         return result
 
-    patched = [m for m in (thr_module, trainer_module) if getattr(m, "compute_thr", None) is original]
+    patched = (thr_module, trainer_module)  # the trainer calls the name it imported from trl_thr.thr
     for module in patched:
         module.compute_thr = recorded
     try:
@@ -501,49 +391,6 @@ def recording_thr_calls(device: torch.device, keep_first_inputs: bool = False):
     finally:
         for module in patched:
             module.compute_thr = original
-
-
-def thr_memory_formula(batch_rows: int, length: int, hidden_size: int, vocab_size: int, distinct_ids: int,
-                       hidden_bytes: int, head_bytes: int, block_elements: int, group_tokens: int) -> dict:
-    """What THR adds at its peak, in bytes, from tensor sizes: numel x element size.
-
-    - captured states `B x T x d` in the training dtype (the capture THR keeps between the forward and the kernel);
-    - the LM head `V x d` gathered whole under ZeRO-3/FSDP2 for the kernel (0 when the head is not sharded: the
-      kernel reads the model's own parameter);
-    - the kernel's working set: one (tokens x vocabulary) float32 block, `min(thr_block_elements, N_g |V'|)`
-      values for a group of `N_g` (`group_tokens`) tokens, and the `|V'| x d` float32 influence matrix with the
-      head rows it reads.
-    """
-    captured = batch_rows * length * hidden_size * hidden_bytes
-    gathered_head = vocab_size * hidden_size * head_bytes
-    kernel_block = min(block_elements, group_tokens * distinct_ids) * 4
-    influence = 2 * distinct_ids * hidden_size * 4
-    return {"captured_states_bytes": captured, "gathered_head_bytes_if_sharded": gathered_head,
-            "kernel_block_bytes": kernel_block, "influence_and_head_rows_bytes": influence,
-            "total_unsharded_bytes": captured + kernel_block + influence,
-            "total_sharded_bytes": captured + gathered_head + kernel_block + influence}
-
-
-class StepClock:
-    """Wall time of each optimizer step (generation included), synchronised on CUDA; a `TrainerCallback`."""
-
-    def __new__(cls, device):
-        from transformers import TrainerCallback
-
-        class _Clock(TrainerCallback):
-            def __init__(self):
-                self.seconds: list[float] = []
-                self._start = None
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                synchronize(device)
-                self._start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                synchronize(device)
-                self.seconds.append(time.perf_counter() - self._start)
-
-        return _Clock()
 
 
 def thr_log_metrics(log_history: list[dict]) -> dict:
@@ -584,7 +431,7 @@ class Check:
 
     def save(self) -> None:
         self.results["elapsed_s"] = round(self.elapsed(), 1)
-        write_json_atomic(self.path, self.results)
+        write_json_atomically(self.path, self.results)
 
     def run_phase(self, name: str, fn) -> None:
         phases = self.results["phases"]
@@ -635,7 +482,6 @@ class Check:
                         "pandas", "numpy", "trl-thr"):
             info[package] = version(package)
         info["trl_importable"] = importlib.util.find_spec("trl") is not None
-        info["trl_thr_generation_capture"] = importlib.util.find_spec("trl_thr.generation_capture") is not None
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             info.update(device_name=props.name, device_memory_GiB=round(props.total_memory / 2**30, 2),
@@ -647,11 +493,13 @@ class Check:
                 info["device_memory_free_GiB"] = round(free / 2**30, 2)
         else:
             info["device_name"] = platform.processor() or "cpu"
-        try:
-            info["thr_config_fields"] = sorted(f for f in thr_config_fields() if f.startswith("thr_"))
+        try:  # THRGRPOConfig imports TRL, installed on the GPU machine from the carried wheels
+            from trl_thr import THRGRPOConfig
+
+            info["thr_config_fields"] = sorted(f.name for f in fields(THRGRPOConfig) if f.name.startswith("thr_"))
         except Exception as error:  # TRL missing or broken: the later phases will say so too
             info["thr_config_fields"] = f"unavailable: {type(error).__name__}: {error}"
-        info["load"] = load_averages()
+        info["load"] = measure.load_averages()
         return info
 
     def kernel(self) -> dict:
@@ -685,6 +533,7 @@ class Check:
 
     def generate_capture(self) -> dict:
         from trl_thr import compute_thr
+        from trl_thr.generation_capture import GenerationCapture
 
         scale, device = self.scale, self.device
         tokenizer = tokenizer_at(self.work / "tokenizer")
@@ -703,40 +552,15 @@ class Check:
         generate_kwargs = dict(attention_mask=prompt_mask, do_sample=True, max_new_tokens=length,
                                min_new_tokens=length, top_k=0, top_p=1.0, temperature=1.0, use_cache=True)
         torch.manual_seed(1)
-        try:
-            from trl_thr.generation_capture import GenerationCapture
-
-            capture = GenerationCapture.from_model(model, temperature=1.0)
-        except ImportError:
-            capture = None
-        if capture is not None:
-            method = "trl_thr.generation_capture.GenerationCapture"
-            with torch.no_grad(), capture.recording():
-                sequences = model.generate(prompt, **generate_kwargs)
-            completion = sequences[:, prompt_length:]
-            mask = torch.ones_like(completion)
-            aligned = capture.align(completion, mask, weight, prompt_ids=prompt, prompt_mask=prompt_mask)
-            if aligned is None:
-                raise RuntimeError(f"GenerationCapture.align refused the batch: {capture.reason}")
-            captured, lp_captured = aligned
-        else:
-            method = "forward hook on the backbone, last position of the prefill and of each decode step"
-            states: list[torch.Tensor] = []
-
-            def keep_last(module, args, output):
-                hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-                states.append(hidden[:, -1].detach().clone())
-
-            handle = model.base_model.register_forward_hook(keep_last)
-            try:
-                with torch.no_grad():
-                    sequences = model.generate(prompt, **generate_kwargs)
-            finally:
-                handle.remove()
-            completion = sequences[:, prompt_length:]
-            mask = torch.ones_like(completion)
-            captured = torch.stack(states[: completion.size(1)], dim=1)  # step t's state predicts token t
-            lp_captured = chunked_log_probs(captured, weight, completion)
+        capture = GenerationCapture.from_model(model, temperature=1.0)
+        with torch.no_grad(), capture.recording():
+            sequences = model.generate(prompt, **generate_kwargs)
+        completion = sequences[:, prompt_length:]
+        mask = torch.ones_like(completion)
+        aligned = capture.align(completion, mask, weight, prompt_ids=prompt, prompt_mask=prompt_mask)
+        if aligned is None:
+            raise RuntimeError(f"GenerationCapture.align refused the batch: {capture.reason}")
+        captured, lp_captured = aligned
         with torch.no_grad():  # the teacher-forced forward the trainer's forward path runs (TRL passes the mask)
             attention = torch.cat([prompt_mask, mask], dim=1)
             forward = model.base_model(input_ids=sequences, attention_mask=attention).last_hidden_state
@@ -749,7 +573,8 @@ class Check:
         advantages = torch.tensor([1.0, -1.0] * (rows // 2), device=device)
         thr_captured = compute_thr(captured, completion, mask, weight, advantages, rows, token_logprobs=lp_captured)
         thr_teacher = compute_thr(teacher, completion, mask, weight, advantages, rows, token_logprobs=lp_teacher)
-        return {"capture_method": method, "dtype": "bfloat16", "rows": rows, "completion_tokens": completion.size(1),
+        return {"capture_method": "trl_thr.generation_capture.GenerationCapture", "dtype": "bfloat16",
+                "rows": rows, "completion_tokens": completion.size(1),
                 "prompt_padding": "left, 0 / 25 / 50 % of the prompt", "teacher_log_probs": teacher_lp_source,
                 "hidden_rel_error": {"mean": error.mean().item(), "max": error.max().item()},
                 "log_prob_abs_diff": {"max": (lp_captured - lp_teacher).abs().max().item(),
@@ -775,19 +600,16 @@ class Check:
         tokenizer = tokenizer_at(self.work / "tokenizer")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         steps = scale.trainer_warmup_steps + scale.trainer_timed_steps
-        arms, note = thr_arms(thr_config_fields())
-        plan = [("grpo", GRPOTrainer, GRPOConfig, {})] + [(n, THRGRPOTrainer, THRGRPOConfig, e) for n, e in arms]
+        plan = [("grpo", GRPOTrainer, GRPOConfig, {})] + [(n, THRGRPOTrainer, THRGRPOConfig, e) for n, e in THR_ARMS]
         res = {"model": "random Qwen2 " + ("(Qwen2.5-1.5B shape)" if self.args.scale == "h100" else "(tiny)"),
                "generation": "HF generate", "warmup_steps": scale.trainer_warmup_steps,
                "timed_steps": scale.trainer_timed_steps, "arms": {}}
-        if note:
-            res["note"] = note
         for name, trainer_cls, config_cls, extra in plan:
             if self.args.scale == "h100" and self.elapsed() > self.args.budget_s - 40:
                 res["arms"][name] = {"status": "skipped", "reason": "budget spent"}
                 continue
             model = build_random_model(scale, tokenizer, device, dtype)
-            clock = StepClock(device)
+            clock = measure.step_clock(device)
             config = config_cls(**self.trainer_config_kwargs(self.work / name, steps), **extra)
             trainer = trainer_cls(model=model, reward_funcs=id_sum_reward, args=config,
                                   train_dataset=prompt_dataset(), processing_class=tokenizer, callbacks=[clock])
@@ -797,7 +619,7 @@ class Check:
                 torch.cuda.reset_peak_memory_stats(device)
             with recording_thr_calls(device) as (records, peak_state):
                 trainer.train()
-            arm = {"step_s": clock.seconds, "timed": summary(clock.seconds[scale.trainer_warmup_steps:]),
+            arm = {"step_s": clock.seconds, "timed": measure.summary(clock.seconds[scale.trainer_warmup_steps:]),
                    "thr_metrics": thr_log_metrics(trainer.state.log_history),
                    "thr_calls": public_records(records), "config": extra}
             if device.type == "cuda":
@@ -875,24 +697,13 @@ class Check:
         return record
 
 
-def sharding_of(weight: torch.Tensor) -> str:
-    """How a parameter is sharded: DeepSpeed ZeRO-3 (`ds_id`), a DTensor (FSDP2), or whole."""
-    if hasattr(weight, "ds_id"):
-        return "deepspeed-zero3"
-    with contextlib.suppress(ImportError):
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(weight, DTensor):
-            return "dtensor"
-    return "whole"
-
-
 def run_child(args) -> None:
     """Inside `accelerate launch`: a few THRGRPOTrainer steps under ZeRO-3 or FSDP2; writes child.json."""
     out = Path(args.out)
     record = {"kind": args.child, "status": "running"}
     try:
         from trl_thr import THRGRPOConfig, THRGRPOTrainer
+        from trl_thr._trl_compat import lm_head_sharding
 
         scale = SCALES[args.scale]
         device = torch.device("cuda" if args.device == "cuda" else "cpu")
@@ -906,7 +717,7 @@ def run_child(args) -> None:
                                max_completion_length=scale.sharded_completion_length, max_steps=scale.sharded_steps,
                                logging_steps=1, report_to="none", save_strategy="no", bf16=cuda, use_cpu=False,
                                gradient_checkpointing=False, learning_rate=1e-6, seed=0, disable_tqdm=True)
-        clock = StepClock(device)
+        clock = measure.step_clock(device)
         trainer = THRGRPOTrainer(model=model, reward_funcs=id_sum_reward, args=config, train_dataset=prompt_dataset(),
                                  processing_class=tokenizer, callbacks=[clock])
         if cuda:
@@ -915,14 +726,14 @@ def run_child(args) -> None:
             trainer.train()
         head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight
         record.update(status="ok", distributed_type=str(trainer.accelerator.distributed_type),
-                      lm_head_sharding=sharding_of(head), step_s=clock.seconds,
+                      lm_head_sharding=lm_head_sharding(head) or "whole", step_s=clock.seconds,
                       thr_metrics=thr_log_metrics(trainer.state.log_history), thr_calls=public_records(records))
         if cuda:
             record["peak_allocated_GiB"] = max(peak_state["running_peak"],
                                                torch.cuda.max_memory_allocated(device)) / 2**30
     except Exception as error:
         record.update(error_record(error))
-    write_json_atomic(out / "child.json", record)
+    write_json_atomically(out / "child.json", record)
     if record["status"] != "ok":
         sys.exit(1)
 

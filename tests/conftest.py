@@ -6,7 +6,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from tiny import build_tiny_model, tiny_dataset  # noqa: E402
+from helpers import tiny_dataset  # noqa: E402
+
+from trl_thr.tiny import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,14 @@
 from unittest.mock import PropertyMock, patch
 
 import pytest
+from helpers import CPU
 from trl import TrlParser
 
 from trl_thr import THRGRPOConfig
 
-CPU = dict(output_dir="/tmp/thr-config-test", use_cpu=True, bf16=False, report_to="none")
-
 
 def config(**kwargs):
-    return THRGRPOConfig(**{**CPU, "per_device_train_batch_size": 8, **kwargs})
+    return THRGRPOConfig(**{**CPU, "output_dir": "/tmp/thr-config-test", "per_device_train_batch_size": 8, **kwargs})
 
 
 def test_defaults_follow_the_paper():

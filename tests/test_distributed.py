@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import torch
-from distributed_run import config
-from tiny import launch_two_processes, length_reward, same_length_dataset
+from helpers import WORKERS, launch_two_processes, length_reward, same_length_dataset
+from trainers import distributed_config
 
 from trl_thr import THRGRPOTrainer
 
@@ -25,7 +25,7 @@ def pad_right(tensors, value=0):
 
 
 def test_two_processes_match_one(tiny_model_path, tmp_path):
-    result = launch_two_processes(HERE / "distributed_run.py", tiny_model_path, tmp_path)
+    result = launch_two_processes(WORKERS / "distributed_run.py", tiny_model_path, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 
     ranks = [torch.load(tmp_path / f"batch-rank{rank}.pt") for rank in (0, 1)]
@@ -35,7 +35,8 @@ def test_two_processes_match_one(tiny_model_path, tmp_path):
         batch[key] = pad_right([r[key] for r in ranks])
     two_process_weights = batch.pop("thr_weights")
 
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=config(str(tmp_path / "one")),
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
+                             args=distributed_config(str(tmp_path / "one")),
                              train_dataset=same_length_dataset(tiny_model_path))
     trainer.args.per_device_train_batch_size = 8  # one process holds what the two held
     logps, hidden = trainer._old_policy_forward(batch)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import WORKERS
 
 HERE = Path(__file__).parent
 
@@ -16,7 +17,7 @@ def test_full_lm_head_gathers_a_row_sharded_dtensor_on_two_ranks(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE.parent / "src")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HERE / "fsdp2_gather_run.py"), str(tmp_path)]
+               str(WORKERS / "fsdp2_gather_run.py"), str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):

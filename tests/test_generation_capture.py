@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import length_reward, tiny_dataset
+from helpers import length_reward, tiny_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from trl_thr.generation_capture import GenerationCapture, capture_unsupported_reason

@@ -1,4 +1,5 @@
-"""The prepared GPU check and the step benchmark, at their tiny CPU scale, plus their measuring helpers.
+"""The prepared GPU check and the step benchmark, at their tiny CPU scale, plus their measuring helpers
+(`benchmarks/measure.py`) and the atomic JSON write they save results with.
 
 The GPU check runs once on a machine we cannot retry on, so its tiny mode runs here end to end: every phase must
 leave numbers or a recorded error in results.json, and a failing phase must not stop the others.
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import measure  # noqa: E402
+
+from trl_thr.files import write_json_atomically  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2",
        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -50,7 +54,7 @@ def test_tiny_check_records_every_phase(tiny_check):
     results, out = tiny_check
     assert results["finished"] is True
     assert set(results["phases"]) == set(gpu_check.PHASES)
-    assert not list(out.glob(".*.tmp")), "a temporary results file was left behind"
+    assert not list(out.glob(".*")), "a temporary results file was left behind"
     for name, phase in results["phases"].items():
         assert phase["status"] in ("ok", "error"), (name, phase)
         if phase["status"] == "error":
@@ -118,11 +122,12 @@ def test_bench_step_tiny(tmp_path):
     assert "| grpo |" in done.stdout and "bound 2 |V'| / V" in done.stdout
 
 
-def test_write_json_atomic_replaces_whole_file(tmp_path):
+def test_write_json_atomically_replaces_whole_file(tmp_path):
     path = tmp_path / "results.json"
-    gpu_check.write_json_atomic(path, {"a": 1})
-    gpu_check.write_json_atomic(path, {"a": 2, "nan": float("nan")})
-    assert json.loads(path.read_text())["a"] == 2
+    write_json_atomically(path, {"a": 1})
+    write_json_atomically(path, {"a": 2, "nan": float("nan"), "path": tmp_path})
+    record = json.loads(path.read_text())
+    assert record["a"] == 2 and math.isnan(record["nan"]) and record["path"] == str(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
@@ -134,14 +139,16 @@ def test_cpu_peak_tensor_bytes_sees_live_tensors():
         third = torch.empty(500_000, dtype=torch.float32)  # 2 MB after both are freed
         del third
 
-    peak = gpu_check.cpu_peak_tensor_bytes(allocate)
+    peak = measure.cpu_peak_tensor_bytes(allocate)
     assert 12_000_000 <= peak < 14_000_000
 
 
 def test_thr_memory_formula_is_numel_times_element_size():
-    formula = gpu_check.thr_memory_formula(batch_rows=8, length=64, hidden_size=576, vocab_size=49152,
-                                           distinct_ids=300, hidden_bytes=4, head_bytes=4, block_elements=2**24,
-                                           group_tokens=512)
+    import bench_step
+
+    formula = bench_step.thr_memory_formula(batch_rows=8, length=64, hidden_size=576, vocab_size=49152,
+                                            distinct_ids=300, hidden_bytes=4, head_bytes=4, block_elements=2**24,
+                                            group_tokens=512)
     assert formula["captured_states_bytes"] == 8 * 64 * 576 * 4
     assert formula["gathered_head_bytes_if_sharded"] == 49152 * 576 * 4
     assert formula["kernel_block_bytes"] == 512 * 300 * 4  # below the thr_block_elements bound

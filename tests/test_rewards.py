@@ -241,7 +241,7 @@ def test_bad_on_error():
 
 def test_trainer_survives_none_nan_and_raising_rewards(tiny_model_path, tmp_path, reward_module):
     """Rows every reward scores None get advantage 0; a raising reward with on_error='none' drops out."""
-    from tiny import length_reward, tiny_dataset
+    from helpers import length_reward, tiny_dataset
 
     from trl_thr import THRGRPOConfig, THRGRPOTrainer
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_thr_kernel import make_batch, reference_thr, true_logprobs
+from kernel_reference import make_batch, reference_thr, true_logprobs
 
 import trl_thr.thr as thr_module
 from trl_thr.thr import compute_thr, transform_logits

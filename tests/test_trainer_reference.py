@@ -12,19 +12,10 @@ soft-cap), divided by the sampling temperature, in float64. Completions are ragg
 
 import pytest
 import torch
-from thr_reference import (
-    CPU,
-    LENGTHS,
-    NUM_GENERATIONS,
-    TEMPERATURE,
-    KernelRecorder,
-    per_token_gradients,
-    ragged_trainer,
-    reference_thr,
-    two_prompts,
-)
+from ragged import LENGTHS, NUM_GENERATIONS, TEMPERATURE, ragged_trainer, two_prompts
+from thr_reference import per_token_gradients, reference_thr
+from trainers import KernelRecorder
 from transformers import AutoModelForCausalLM
-
 
 
 @pytest.mark.parametrize("variant", ["qwen2-tied", "qwen2-untied", "gemma2-softcap", "cohere-scale"])

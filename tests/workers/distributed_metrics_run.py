@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
-from thr_reference import LENGTHS, KernelRecorder, ragged_trainer, two_prompts  # noqa: E402
+from ragged import LENGTHS, ragged_trainer, two_prompts  # noqa: E402
+from trainers import KernelRecorder  # noqa: E402
+
 from trl_thr.cli.launch import end_processes  # noqa: E402
 
 THRESHOLD = 5.0

@@ -1,5 +1,5 @@
-"""Launched by test_distributed.py under `accelerate launch --cpu --num_processes 2`: one THR step, and each rank
-saves its generation batch (before TRL's shuffle) with the THR weights it computed."""
+"""Launched by test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo): one THR step,
+and each rank saves its generation batch (before TRL's shuffle) with the THR weights it computed."""
 
 import sys
 import weakref
@@ -7,24 +7,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
-from tiny import length_reward, same_length_dataset  # noqa: E402
+from helpers import length_reward, same_length_dataset  # noqa: E402
+from trainers import distributed_config  # noqa: E402
 
-from trl_thr import THRGRPOConfig, THRGRPOTrainer  # noqa: E402
+from trl_thr import THRGRPOTrainer  # noqa: E402
 from trl_thr.cli.launch import end_processes  # noqa: E402
 
 
-def config(output_dir):
-    return THRGRPOConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=1,
-        logging_steps=1, seed=0, thr_threshold="quantile", thr_quantile=0.3, thr_quantile_scope="batch",
-    )
-
-
 def main(model_path, output_dir):
-    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=config(output_dir),
+    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
                              train_dataset=same_length_dataset(model_path))
     generate = trainer._generate_and_score_completions
 

@@ -4,10 +4,10 @@ generation batch, rank 0 does not. Each rank writes the error it ends with."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
-from distributed_run import config  # noqa: E402
-from tiny import length_reward, same_length_dataset  # noqa: E402
+from helpers import length_reward, same_length_dataset  # noqa: E402
+from trainers import distributed_config  # noqa: E402
 
 import trl_thr.thr_grpo_trainer as thr_grpo_trainer  # noqa: E402
 from trl_thr import THRGRPOTrainer  # noqa: E402
@@ -15,7 +15,7 @@ from trl_thr.cli.launch import end_processes  # noqa: E402
 
 
 def main(model_path, output_dir):
-    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=config(output_dir),
+    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
                              train_dataset=same_length_dataset(model_path))
     rank = trainer.accelerator.process_index
     if rank == 1:

@@ -1,55 +1,24 @@
-"""THRGRPOTrainer end to end on a tiny local model (CPU, offline)."""
+"""THR that changes nothing is GRPO, and TRL's features keep working with THR on.
+
+`thr_strategy="none"`, and `dominant-only` with `thr_threshold="none"` (weights of exactly 1), give GRPOTrainer's loss
+and gradients bit for bit on a fixed batch, and end whole runs bit for bit where GRPOTrainer ends: same seed, same
+data, several optimizer steps with completions reused across steps (`steps_per_generation=2`), every loss type the
+installed TRL has. Token weights reach every TRL loss type and GSPO-token, the weights of each micro-batch are those
+of its own rows, and PEFT, TRL's batch layouts, evaluation and resuming from a checkpoint train with THR on.
+"""
 
 import math
+import re
 from unittest.mock import patch
 
 import pytest
 import torch
-from tiny import binary_reward, length_reward, tiny_dataset
+from helpers import CPU, binary_reward, length_reward, tiny_dataset
+from trainers import changed, loss_and_grads, make_config, snapshot
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_thr._trl_compat import trl_computes_old_logps
 from trl_thr import THRGRPOConfig, THRGRPOTrainer, compute_thr, group_thresholds, thr_weights
-
-CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
-THR_KEYS = ["thr/kept_frac", "thr/pos_frac", "thr/neg_frac", "thr/mean_weight", "thr/tau", "thr/abs_mean",
-            "thr/groups_skipped_frac", "thr/p", "thr/seconds", "thr/forward_seconds"]
-
-
-def make_config(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                  max_completion_length=8, max_steps=2, logging_steps=1, learning_rate=0.1, seed=0, **CPU)
-    kwargs.update(overrides)
-    return THRGRPOConfig(**kwargs)
-
-
-def snapshot(model):
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
-def changed(before, model):
-    return [name for name, param in model.named_parameters() if not torch.equal(before[name], param)]
-
-
-@pytest.mark.parametrize("strategy", ["positive-amplify", "negative-amplify", "dominant-only", "nthr", "none"])
-def test_each_strategy_trains(strategy, tiny_model_path, tmp_path):
-    threshold = "none" if strategy == "nthr" else "anchor"  # NTHR's eta is 0 when half the group is positive
-    args = make_config(tmp_path, thr_strategy=strategy, thr_threshold=threshold)
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
-                             train_dataset=tiny_dataset())
-    before = snapshot(trainer.model)
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
-    assert changed(before, trainer.model), "no parameter moved"
-    if strategy == "none":
-        assert not any(key.startswith("thr/") for entry in logs for key in entry)
-    else:
-        uses_p = strategy in ("positive-amplify", "negative-amplify")
-        for key in THR_KEYS:
-            assert (key in logs[-1]) == (uses_p or key != "thr/p"), key
-        assert 0 <= logs[-1]["thr/kept_frac"] <= 1
 
 
 def fixed_inputs(model_path, batch=4, length=6, seed=0):
@@ -77,14 +46,6 @@ def fixed_inputs(model_path, batch=4, length=6, seed=0):
         "old_per_token_logps": logps + 0.15 * torch.randn(batch, length, generator=gen),
         "ref_per_token_logps": logps - 0.1,
     }
-
-
-def loss_and_grads(trainer, inputs):
-    trainer.model.zero_grad()
-    trainer.current_gradient_accumulation_steps = 1
-    loss = trainer._compute_loss(trainer.model, inputs)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
 def build(trainer_cls, config_cls, model_path, tmp_path, **overrides):
@@ -163,6 +124,67 @@ def test_sequence_token_loss_value_equals_sequence_loss(tiny_model_path, tmp_pat
     torch.testing.assert_close(losses["sequence_token"], losses["sequence"])
 
 
+# ---- whole runs ------------------------------------------------------------------------------------------------
+
+
+def trl_loss_types():
+    """The loss types GRPOConfig documents in its `loss_type` help (trl 1.16: 8, incl. luspo and vespo)."""
+    help_text = GRPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    listed = re.search(r"Supported values are (.*?)\. ", help_text).group(1)
+    return re.findall(r"'(\w+)'", listed)
+
+
+LOSS_TYPES = trl_loss_types()
+
+
+# The importance-sampling level each loss type needs (TRL rejects luspo at token level and vespo at sequence level).
+LEVEL = {"luspo": "sequence"}
+
+
+def test_every_documented_loss_type_is_covered():
+    assert {"grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"} <= set(LOSS_TYPES)
+
+
+# Two batch layouts: one generation per optimizer step, where TRL runs no old-policy forward and THR adds one; and
+# one generation reused for two optimizer steps, where TRL runs that forward and THR reads its hidden states.
+LAYOUTS = {
+    "generate-every-step": dict(gradient_accumulation_steps=2, steps_per_generation=2),
+    "reuse-for-two-steps": dict(gradient_accumulation_steps=1, steps_per_generation=2),
+}
+
+
+def final_parameters(trainer_cls, config_cls, model_path, output_dir, loss_type, layout, **thr):
+    args = config_cls(
+        output_dir=str(output_dir), loss_type=loss_type, importance_sampling_level=LEVEL.get(loss_type, "token"),
+        per_device_train_batch_size=4, num_generations=4, **LAYOUTS[layout], max_completion_length=6, max_steps=2,
+        learning_rate=0.05, beta=0.05, seed=0, logging_steps=1, **CPU, **thr,
+    )
+    trainer = trainer_cls(model=model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+    trainer.train()
+    assert trainer.state.global_step == 2
+    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_whole_run_with_unit_weights_is_grpo(loss_type, layout, tiny_model_path, tmp_path):
+    grpo = final_parameters(GRPOTrainer, GRPOConfig, tiny_model_path, tmp_path / "grpo", loss_type, layout)
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_path).named_parameters())
+    assert any(not torch.equal(grpo[n], start[n]) for n in grpo), "the run did not move: the comparison is empty"
+    runs = {
+        "none": final_parameters(THRGRPOTrainer, THRGRPOConfig, tiny_model_path, tmp_path / "none", loss_type,
+                                 layout, thr_strategy="none"),
+        "all-ones": final_parameters(THRGRPOTrainer, THRGRPOConfig, tiny_model_path, tmp_path / "ones", loss_type,
+                                     layout, thr_strategy="dominant-only", thr_threshold="none"),
+    }
+    for run, params in runs.items():
+        differ = [name for name in grpo if not torch.equal(grpo[name], params[name])]
+        assert not differ, f"{run}: {len(differ)} parameters differ from GRPOTrainer's, e.g. {differ[:3]}"
+
+
+# ---- TRL's features with THR on ---------------------------------------------------------------------------------
+
+
 class Recorder:
     """Wraps a method and keeps a copy of the inputs of its calls."""
 
@@ -212,113 +234,6 @@ def test_weights_in_loss_match_a_direct_recomputation(tiny_model_path, tmp_path)
     assert (expected != batch["completion_mask"]).any(), "weights are trivial: the check would not see a mix-up"
 
 
-class ForwardCounter:
-    def __init__(self):
-        self.policy_calls = 0
-
-    def __call__(self, original):
-        counter = self
-
-        def wrapper(trainer, model, *args, **kwargs):
-            if model is trainer.model and not torch.is_grad_enabled():
-                counter.policy_calls += 1
-            return original(trainer, model, *args, **kwargs)
-
-        return wrapper
-
-
-def count_generation_forwards(trainer):
-    counter = ForwardCounter()
-    original = GRPOTrainer._get_per_token_logps_and_entropies
-    with patch.object(GRPOTrainer, "_get_per_token_logps_and_entropies", counter(original)):
-        batch = trainer._generate_and_score_completions(list(tiny_dataset())[:2] * 2)
-    return counter.policy_calls, batch
-
-
-@pytest.mark.parametrize("source,forwards", [("auto", 0), ("generate", 0), ("forward", 1)])
-def test_old_policy_forwards_when_trl_runs_none(source, forwards, tiny_model_path, tmp_path):
-    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, thr_hidden_source=source)
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
-                             train_dataset=tiny_dataset())
-    assert not trl_computes_old_logps(trainer)
-    calls, batch = count_generation_forwards(trainer)
-    assert calls == forwards  # recorded during generate: no forward at all
-    mode = "train" if trainer.model.training else "eval"
-    assert trainer._metrics[mode]["thr/own_forward"] == [float(forwards)]
-    # THR's forward feeds THR only: TRL's ratio stays its on-policy ratio of exactly 1.
-    assert "thr_weights" in batch and "old_per_token_logps" not in batch
-
-
-def test_dropout_keeps_trls_on_policy_ratio(tiny_model_path, tmp_path):
-    """With dropout on, a separate forward's log-probs would put mask noise into the PPO ratio: THR's forward feeds
-    THR only and TRL keeps its ratio of exactly 1."""
-    from peft import LoraConfig
-
-    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2)
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
-                             train_dataset=tiny_dataset(),
-                             peft_config=LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.3))
-    trainer.args.thr_hidden_source = "forward"
-    calls, batch = count_generation_forwards(trainer)
-    assert calls == 1
-    assert "old_per_token_logps" not in batch and batch["thr_weights"].shape == batch["completion_ids"].shape
-
-
-def test_reuses_trls_forward_when_it_runs_one(tiny_model_path, tmp_path):
-    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, num_iterations=2)
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
-                             train_dataset=tiny_dataset())
-    assert trl_computes_old_logps(trainer)
-    calls, batch = count_generation_forwards(trainer)
-    assert calls == 1
-    assert batch["thr_weights"].shape == batch["completion_ids"].shape
-
-
-class FakeVLLMGeneration:
-    """Stands in for trl's VLLMGeneration: samples token ids and returns a log-prob per token."""
-
-    def __init__(self, model, processing_class, max_completion_length, **kwargs):
-        self.vocab = len(processing_class)
-        self.max_completion_length = max_completion_length
-        self.eos = processing_class.eos_token_id
-        self.syncs = 0
-        self.gen = torch.Generator().manual_seed(0)
-
-    def sync_weights(self):
-        self.syncs += 1
-
-    def generate(self, prompts, images, num_generations, profiler=None):
-        completions, logprobs = [], []
-        for _ in prompts:
-            n = int(torch.randint(1, self.max_completion_length, (1,), generator=self.gen))
-            ids = torch.randint(3, self.vocab, (n,), generator=self.gen).tolist() + [self.eos]
-            completions.append(ids)
-            logprobs.append([[-2.0] for _ in ids])
-        return prompts, completions, logprobs, None
-
-
-@pytest.mark.parametrize("correction", [True, False])
-def test_vllm_generation_path(correction, tiny_model_path, tmp_path):
-    args = make_config(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=correction)
-    with patch("trl.trainer.grpo_trainer.VLLMGeneration", FakeVLLMGeneration):
-        trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
-                                 train_dataset=tiny_dataset())
-    calls, batch = count_generation_forwards(trainer)
-    assert calls == 1  # TRL's own importance-sampling forward, or THR's one
-    assert ("importance_sampling_ratio" in batch) == correction
-    assert batch["thr_weights"].shape == batch["completion_ids"].shape
-    before = snapshot(trainer.model)
-    trainer.train()
-    assert changed(before, trainer.model)
-    assert trainer.vllm_generation.syncs >= 1
-
-
-def test_vllm_missing_gives_trls_install_hint(tiny_model_path, tmp_path):
-    args = make_config(tmp_path, use_vllm=True)
-    with pytest.raises(ImportError, match="vLLM"):
-        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
-
-
 def test_peft_lora_with_kl(tiny_model_path, tmp_path):
     from peft import LoraConfig
 
@@ -331,36 +246,6 @@ def test_peft_lora_with_kl(tiny_model_path, tmp_path):
     moved = changed(before, trainer.model)
     assert moved and all("lora" in name for name in moved)
     assert "kl" in trainer.state.log_history[0] and "thr/kept_frac" in trainer.state.log_history[0]
-
-
-def test_peft_captures_the_adapted_policy_not_the_reference(tiny_model_path, tmp_path):
-    """With a trained adapter, THR's hidden states must be the policy's (adapter on), not the reference's."""
-    from peft import LoraConfig
-
-    args = make_config(tmp_path, beta=0.1, num_iterations=2)  # TRL runs old-logps, then reference, on self.model
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
-                             train_dataset=tiny_dataset(),
-                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                    init_lora_weights=False))
-    captured = []
-    original = trainer._compute_thr
-
-    def capture(batch, hidden, *more):
-        captured.append(hidden)
-        return original(batch, hidden, *more)
-
-    trainer._compute_thr = capture
-    batch = trainer._generate_and_score_completions(list(tiny_dataset())[:2] * 2)
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    length = batch["completion_ids"].size(1)
-    backbone = trainer.model.get_base_model().model
-    with torch.no_grad():
-        adapted = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -length:]
-        with trainer.model.disable_adapter():
-            reference = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -length:]
-    assert not torch.allclose(adapted, reference)
-    torch.testing.assert_close(captured[0], adapted, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -427,59 +312,3 @@ def test_schedule_resumes_where_it_stopped(tiny_model_path, tmp_path):
     assert expected == pytest.approx({1: -0.3, 2: -0.1, 3: 0.1, 4: 0.3})
     assert sorted(p_by_step(first)) == [1, 2]
     assert p_by_step(resumed) == pytest.approx(expected)  # the restored history holds steps 1-2, the resume 3-4
-
-
-def test_rejects_plain_grpo_config(tiny_model_path, tmp_path):
-    with pytest.raises(TypeError, match="needs a THRGRPOConfig"):
-        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
-                       args=GRPOConfig(output_dir=str(tmp_path), **CPU), train_dataset=tiny_dataset())
-
-
-def test_unknown_positive_reward_func(tiny_model_path, tmp_path):
-    args = make_config(tmp_path, thr_positive_reward_threshold=1.0, thr_positive_reward_func="accuracy")
-    with pytest.raises(ValueError, match="thr_positive_reward_func='accuracy' is not one of"):
-        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [dict(thr_hidden_source="generate"), dict(thr_hidden_source="forward"), dict(num_iterations=2)],
-    ids=["generate", "forward", "old-logps"],
-)
-def test_states_and_gathered_head_are_freed_once_thr_is_computed(overrides, tiny_model_path, tmp_path, monkeypatch):
-    """Neither the captured `(B, T, d)` states nor a gathered `(V, d)` head outlive the THR call: both are gone by
-    the time the thresholds and weights are computed (their collectives, and the rest of the step, run without
-    them)."""
-    import gc
-    import weakref
-    from contextlib import contextmanager
-
-    import trl_thr._trl_compat as compat
-    import trl_thr.thr_grpo_trainer as trainer_module
-
-    @contextmanager
-    def gathered_head(head):  # stands in for a ZeRO-3/FSDP2 gather: a fresh (V, d) tensor, as full_tensor() gives
-        yield head.weight.detach().clone(), head.bias
-
-    seen = {}
-
-    def recording_compute_thr(hidden_states, completion_ids, mask, weight, *args, **kwargs):
-        seen.update(states=weakref.ref(hidden_states), head=weakref.ref(weight))
-        return compute_thr(hidden_states, completion_ids, mask, weight, *args, **kwargs)
-
-    weights_from_config = trainer_module.weights_from_config
-
-    def checking_weights_from_config(*args, **kwargs):
-        gc.collect()
-        seen.update(states_alive=seen["states"]() is not None, head_alive=seen["head"]() is not None)
-        return weights_from_config(*args, **kwargs)
-
-    monkeypatch.setattr(compat, "full_lm_head", gathered_head)
-    monkeypatch.setattr(trainer_module, "compute_thr", recording_compute_thr)
-    monkeypatch.setattr(trainer_module, "weights_from_config", checking_weights_from_config)
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
-                             args=make_config(tmp_path, thr_threshold="none", **overrides),
-                             train_dataset=tiny_dataset())
-    trainer._generate_and_score_completions(list(tiny_dataset())[:1] * 4)
-    assert seen["states_alive"] is False, "the captured states outlived the THR call"
-    assert seen["head_alive"] is False, "the gathered LM head outlived the THR call"

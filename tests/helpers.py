@@ -1,6 +1,12 @@
-"""Tiny offline data and rewards for trainer tests (the model comes from `trl_thr.tiny`)."""
+"""Shared by the test files: the CPU training settings, tiny offline data, rewards that vary within groups, and the
+two-process launcher (the tiny model itself comes from `trl_thr.tiny`)."""
 
-from trl_thr.tiny import build_tiny_model  # noqa: F401
+from pathlib import Path
+
+# Every trainer the tests build runs on the CPU in float32, without gradient checkpointing, trackers or saving.
+CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
+# The scripts the multi-process tests launch.
+WORKERS = Path(__file__).parent / "workers"
 
 PROMPTS = [
     "What is 2 + 3?",
@@ -56,7 +62,6 @@ def launch_two_processes(script, *args, timeout=600):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     src = str(Path(__file__).parent.parent / "src")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",

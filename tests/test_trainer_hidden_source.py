@@ -1,17 +1,18 @@
-"""`thr_hidden_source`: THR from states recorded during `generate` equals THR from a teacher-forced forward, and the
-plain generate path runs no full-sequence forward beyond GRPOTrainer's."""
+"""Where THR's hidden states come from (`thr_hidden_source`): states recorded during `generate` give the THR of a
+teacher-forced forward, the plain generate path runs no full-sequence forward beyond GRPOTrainer's, THR's own forward
+runs only when TRL runs none and never feeds TRL's ratio, and under PEFT the states are the adapted policy's."""
 
 from unittest.mock import patch
 
 import pytest
 import torch
-from tiny import length_reward, tiny_dataset
+from helpers import CPU, length_reward, tiny_dataset
+from trainers import count_generation_forwards, make_config
 from trl import GRPOConfig, GRPOTrainer
 
 import trl_thr.thr_grpo_trainer as thr_grpo_trainer
 from trl_thr import THRGRPOConfig, THRGRPOTrainer
-
-CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
+from trl_thr._trl_compat import trl_computes_old_logps
 
 
 def common(tmp_path, **overrides):
@@ -99,3 +100,72 @@ def test_auto_falls_back_when_the_records_do_not_match(tiny_model_path, tmp_path
     mode = "train" if trainer.model.training else "eval"
     assert trainer._metrics[mode]["thr/own_forward"] == [1.0]
     assert batch["thr_weights"].shape == batch["completion_ids"].shape
+
+
+@pytest.mark.parametrize("source,forwards", [("auto", 0), ("generate", 0), ("forward", 1)])
+def test_old_policy_forwards_when_trl_runs_none(source, forwards, tiny_model_path, tmp_path):
+    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, thr_hidden_source=source)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    assert not trl_computes_old_logps(trainer)
+    calls, batch = count_generation_forwards(trainer)
+    assert calls == forwards  # recorded during generate: no forward at all
+    mode = "train" if trainer.model.training else "eval"
+    assert trainer._metrics[mode]["thr/own_forward"] == [float(forwards)]
+    # THR's forward feeds THR only: TRL's ratio stays its on-policy ratio of exactly 1.
+    assert "thr_weights" in batch and "old_per_token_logps" not in batch
+
+
+def test_dropout_keeps_trls_on_policy_ratio(tiny_model_path, tmp_path):
+    """With dropout on, a separate forward's log-probs would put mask noise into the PPO ratio: THR's forward feeds
+    THR only and TRL keeps its ratio of exactly 1."""
+    from peft import LoraConfig
+
+    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset(),
+                             peft_config=LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.3))
+    trainer.args.thr_hidden_source = "forward"
+    calls, batch = count_generation_forwards(trainer)
+    assert calls == 1
+    assert "old_per_token_logps" not in batch and batch["thr_weights"].shape == batch["completion_ids"].shape
+
+
+def test_reuses_trls_forward_when_it_runs_one(tiny_model_path, tmp_path):
+    args = make_config(tmp_path, per_device_train_batch_size=4, num_generations=2, num_iterations=2)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    assert trl_computes_old_logps(trainer)
+    calls, batch = count_generation_forwards(trainer)
+    assert calls == 1
+    assert batch["thr_weights"].shape == batch["completion_ids"].shape
+
+
+def test_peft_captures_the_adapted_policy_not_the_reference(tiny_model_path, tmp_path):
+    """With a trained adapter, THR's hidden states must be the policy's (adapter on), not the reference's."""
+    from peft import LoraConfig
+
+    args = make_config(tmp_path, beta=0.1, num_iterations=2)  # TRL runs old-logps, then reference, on self.model
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset(),
+                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+    captured = []
+    original = trainer._compute_thr
+
+    def capture(batch, hidden, *more):
+        captured.append(hidden)
+        return original(batch, hidden, *more)
+
+    trainer._compute_thr = capture
+    batch = trainer._generate_and_score_completions(list(tiny_dataset())[:2] * 2)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    length = batch["completion_ids"].size(1)
+    backbone = trainer.model.get_base_model().model
+    with torch.no_grad():
+        adapted = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -length:]
+        with trainer.model.disable_adapter():
+            reference = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -length:]
+    assert not torch.allclose(adapted, reference)
+    torch.testing.assert_close(captured[0], adapted, rtol=1e-5, atol=1e-5)

@@ -1,18 +1,18 @@
 """THR in TRL's completions table (`log_completions=True`) and the per-group heatmap."""
 
+import html
 import math
+import re
 from pathlib import Path
 from unittest.mock import patch
 
 import pandas as pd
 import pytest
 import torch
-from tiny import length_reward, tiny_dataset
+from helpers import CPU, length_reward, tiny_dataset
 
 from trl_thr import THRGRPOConfig, THRGRPOTrainer
 from trl_thr.completion_logs import COLUMNS, completion_columns, group_heatmap_html
-
-CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no")
 
 
 def test_completion_columns_by_hand():
@@ -31,16 +31,26 @@ def test_completion_columns_by_hand():
 
 
 def test_heatmap_escapes_tokens_and_colours_by_sign():
-    page = group_heatmap_html([["<b>", "x"]], [[0.4, -0.2]], [1.0], title="step 3")
-    assert "&lt;b&gt;" in page and "<b><" not in page
+    page = group_heatmap_html([["<b>", "x"]], [[0.4, -0.2]], [1.0], prompt="1 < 2?", title="step 3")
+    assert "&lt;b&gt;" in page and "<b><" not in page and "1 &lt; 2?" in page
     assert "rgba(22, 163, 74, 1.00)" in page  # the largest positive token at full strength
     assert "rgba(220, 38, 38, 0.50)" in page  # a negative token at half of the largest |THR|
 
 
+def test_heatmap_scales_rows_of_each_sign_of_advantage_on_their_own():
+    # the negative completion's THR is 100 times smaller: on one scale its tokens would be all but invisible
+    page = group_heatmap_html([["a", "b"], ["c", "d"]], [[2.0, -1.0], [0.02, -0.01]], [0.5, -0.5])
+    assert page.count("rgba(22, 163, 74, 1.00)") == 2 and page.count("rgba(220, 38, 38, 0.50)") == 2
+    assert "A &gt; 0: 2; A &le; 0: 0.02" in page
+    prompt_at, first_row_at = page.index('class="prompt"') if 'class="prompt"' in page else -1, page.index("A = ")
+    assert prompt_at == -1 and first_row_at > 0  # no prompt given: none drawn
+
+
 def train_with_completions(model_path, output_dir, **overrides):
-    args = THRGRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=4,
-                         max_completion_length=6, max_steps=1, logging_steps=1, seed=0, log_completions=True,
-                         report_to="none", thr_threshold="none", **CPU, **overrides)
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=4,
+                    max_completion_length=6, max_steps=1, logging_steps=1, seed=0, log_completions=True,
+                    thr_threshold="none", **CPU)
+    args = THRGRPOConfig(**{**settings, **overrides})
     trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
     recorded = {}
     original = trainer._thr_weights_and_metrics
@@ -66,6 +76,39 @@ def test_completions_table_carries_thr(tiny_model_path, tmp_path):
     assert set(table["thr_dominant_frac"].round(6)) <= {0.0, 1.0}
     heatmaps = list((tmp_path / "thr_heatmaps").glob("step_*.html"))
     assert len(heatmaps) == 1 and "THR of one group" in heatmaps[0].read_text()
+
+
+def test_heatmap_shows_a_group_of_the_completions_table_under_its_step_and_prompt(tiny_model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    special = AutoTokenizer.from_pretrained(tiny_model_path).all_special_tokens
+
+    def comparable(text):
+        """Without special tokens (the table skips them) and non-ASCII characters (a character split over two tokens
+        decodes to replacement characters token by token)."""
+        for token in special:
+            text = text.replace(token, "")
+        return "".join(c for c in text if c.isascii())
+
+    # two groups per batch: a heatmap could draw the rows of one under the prompt of the other
+    trainer, _ = train_with_completions(tiny_model_path, tmp_path, max_steps=2, per_device_train_batch_size=8)
+    trainer.train()
+    table = pd.concat([pd.read_parquet(path) for path in sorted((tmp_path / "completions").glob("*.parquet"))])
+    for path in sorted((tmp_path / "thr_heatmaps").glob("step_*.html")):
+        step = int(path.stem.split("_")[1])
+        with open(path, encoding="utf-8", newline="") as handle:  # a "\r" in a token stays one
+            page = handle.read()
+        assert f"THR of one group at step {step}</h3>" in page
+        logged = table[table["step"] == step]
+        assert len(logged) == 8, "the heatmap's step is not a step of the completions table"
+        prompt = html.unescape(re.search(r'<div class="prompt">(.*?)</div>', page, re.S).group(1))
+        group = logged[logged["prompt"] == prompt]
+        assert len(group) == 4, "the prompt drawn is not the prompt of a group at that step"
+        drawn = [float(a) for a in re.findall(r"<b>A = ([-+0-9.]+)</b>", page)]
+        assert drawn == pytest.approx(group["advantage"].round(3).tolist(), abs=1e-3)
+        rows = re.findall(r'<div class="row">(.*?)</div>', page, re.S)
+        texts = ["".join(html.unescape(t) for t in re.findall(r"<span [^>]*>(.*?)</span>", row, re.S)) for row in rows]
+        assert list(map(comparable, texts)) == list(map(comparable, group["completion"]))
 
 
 def test_completions_table_counts_only_groups_with_a_positive_completion(tiny_model_path, tmp_path):

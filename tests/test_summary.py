@@ -1,7 +1,7 @@
 import json
 
 from trl_thr.cli.summary import (SMOKE_RUN_NOTE, format_summary, metric_series, plot_metrics, plotted_panels,
-                                 rolling, summarize)
+                                 rolling, steps_without_learning_signal, summarize)
 
 HISTORY = [
     {"step": 1, "reward": 0.0, "thr/kept_frac": 0.2, "thr/p": 0.1, "entropy": 1.5, "rewards/accuracy/mean": 0.0},
@@ -58,3 +58,19 @@ def test_plot_panels_skip_a_constant_p_and_show_entropy(tmp_path):
     path = plot_metrics(HISTORY, tmp_path / "plot.png")
     assert path.stat().st_size > 10_000
     assert plot_metrics([{"step": 1, "loss": 0.1}], tmp_path / "none.png") is None
+
+
+def test_steps_without_learning_signal_are_counted_over_logging_windows():
+    # logged every 2 steps: the fraction of each window's generation batches that carried no signal
+    history = [{"step": 2, "reward": 1.0, "frac_no_learning_signal": 1.0},
+               {"step": 4, "reward": 1.0, "frac_no_learning_signal": 0.5},
+               {"step": 6, "reward": 0.5, "frac_no_learning_signal": 0.0},
+               {"step": 6, "train_runtime": 3.0}]
+    assert steps_without_learning_signal(history) == 3
+    assert steps_without_learning_signal(HISTORY) is None  # a trainer that logs no such metric
+    summary = summarize(history, seconds=3.0, steps=6)
+    assert summary["steps_without_learning_signal"] == 3
+    assert "3 of 6 steps carried no learning signal (every advantage 0, or every completion masked)" in \
+        format_summary(summary)
+    quiet = summarize([{**entry, "frac_no_learning_signal": 0.0} for entry in history[:3]], seconds=3.0, steps=6)
+    assert "learning signal" not in format_summary(quiet)

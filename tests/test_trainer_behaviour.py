@@ -1,31 +1,87 @@
-"""What the trainer does with THR, pinned by values: strategy signs, the reward-threshold positive set, logged
-metrics (one process and two), and how a weight acts on the gradient (float64, exact)."""
+"""What the trainer does with THR, pinned by values: each strategy trains and the signs of its weights, the
+reward-threshold positive set, the logged metrics (one process and two), how a weight acts on the gradient (float64,
+exact), what reaches the kernel, and the errors it raises."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from thr_reference import (
-    CPU,
-    LENGTHS,
-    NUM_GENERATIONS,
-    TEMPERATURE,
-    KernelRecorder,
-    length_of_completion,
-    per_token_gradients,
-    ragged_trainer,
-    reference_thr,
-    two_prompts,
-)
-from test_trainer import FakeVLLMGeneration, loss_and_grads
-from tiny import launch_two_processes, length_reward, tiny_dataset
+from helpers import CPU, WORKERS, launch_two_processes, length_reward, tiny_dataset
+from ragged import LENGTHS, NUM_GENERATIONS, TEMPERATURE, length_of_completion, ragged_trainer, two_prompts
+from thr_reference import per_token_gradients, reference_thr
+from trainers import KernelRecorder, changed, loss_and_grads, make_config, snapshot
 from transformers import AutoModelForCausalLM
+from trl import GRPOConfig
 
-from trl_thr import THRGRPOConfig, THRGRPOTrainer
+from trl_thr import THRGRPOConfig, THRGRPOTrainer, compute_thr
 from trl_thr.thr_grpo_trainer import THRBatch
 
-HERE = Path(__file__).parent
+THR_KEYS = ["thr/kept_frac", "thr/pos_frac", "thr/neg_frac", "thr/mean_weight", "thr/tau", "thr/abs_mean",
+            "thr/groups_skipped_frac", "thr/p", "thr/seconds", "thr/forward_seconds"]
+
+
+@pytest.mark.parametrize("strategy", ["positive-amplify", "negative-amplify", "dominant-only", "nthr", "none"])
+def test_each_strategy_trains(strategy, tiny_model_path, tmp_path):
+    threshold = "none" if strategy == "nthr" else "anchor"  # NTHR's eta is 0 when half the group is positive
+    args = make_config(tmp_path, thr_strategy=strategy, thr_threshold=threshold)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    before = snapshot(trainer.model)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert changed(before, trainer.model), "no parameter moved"
+    if strategy == "none":
+        assert not any(key.startswith("thr/") for entry in logs for key in entry)
+    else:
+        uses_p = strategy in ("positive-amplify", "negative-amplify")
+        for key in THR_KEYS:
+            assert (key in logs[-1]) == (uses_p or key != "thr/p"), key
+        assert 0 <= logs[-1]["thr/kept_frac"] <= 1
+
+
+def equal_reward(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def no_signal_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "trl_thr.thr_grpo_trainer"
+            and r.getMessage().startswith("No learning signal")]
+
+
+@pytest.mark.parametrize("strategy", ["none", "positive-amplify"])
+def test_batches_without_learning_signal_are_logged_and_warned_with_their_cause(strategy, tiny_model_path, tmp_path,
+                                                                              caplog):
+    from trl_thr.thr_grpo_trainer import NO_SIGNAL_WARNING_EVERY
+
+    caplog.set_level("WARNING", logger="trl_thr.thr_grpo_trainer")
+    steps = NO_SIGNAL_WARNING_EVERY + 1
+    args = make_config(tmp_path / "equal", thr_strategy=strategy, max_steps=steps, max_completion_length=4)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=equal_reward, args=args, train_dataset=tiny_dataset())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["frac_no_learning_signal"] for entry in logs] == [1.0] * steps
+    warnings = no_signal_warnings(caplog)  # the first batch, then every NO_SIGNAL_WARNING_EVERY-th while it lasts
+    assert [w.split(" generation batch")[0] for w in warnings] == ["No learning signal for 1",
+                                                                   f"No learning signal for {steps}"]
+    assert "every group's completions got equal rewards, so every advantage is 0" in warnings[0]
+
+    caplog.clear()
+    args = make_config(tmp_path / "masked", thr_strategy=strategy, max_steps=1, max_completion_length=1,
+                       mask_truncated_completions=True)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    trainer.train()  # one token: every completion is truncated, and masked
+    (warning,) = no_signal_warnings(caplog)
+    assert "every completion reached max_completion_length=1 and mask_truncated_completions=True" in warning
+
+    caplog.clear()
+    args = make_config(tmp_path / "varied", thr_strategy=strategy)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
+                             train_dataset=tiny_dataset())
+    trainer.train()
+    assert [e["frac_no_learning_signal"] for e in trainer.state.log_history if "loss" in e] == [0.0, 0.0]
+    assert no_signal_warnings(caplog) == []
 
 
 def generate(trainer, model_path):
@@ -136,7 +192,7 @@ def test_metrics_equal_a_recomputation(tiny_model_path, tmp_path):
 
 def test_metrics_and_positive_sets_over_two_processes(tiny_model_path, tmp_path):
     """Each rank has other rewards (so other positive sets); the logged metrics are those of the pooled batch."""
-    result = launch_two_processes(HERE / "distributed_metrics_run.py", tiny_model_path, tmp_path)
+    result = launch_two_processes(WORKERS / "distributed_metrics_run.py", tiny_model_path, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [torch.load(tmp_path / f"metrics-rank{rank}.pt") for rank in (0, 1)]
     for rank, record in enumerate(records):
@@ -268,36 +324,6 @@ def test_num_iterations_reuses_the_weights_of_the_generation_batch(tiny_model_pa
     assert torch.equal(seen[0]["completion_ids"], seen[1]["completion_ids"])
     assert torch.equal(seen[0]["advantages"], seen[1]["advantages"])  # the weighted (B, T) advantages
     assert seen[0]["advantages"].dim() == 2
-
-
-class FakeVLLMServerGeneration(FakeVLLMGeneration):
-    """Stands in for trl's VLLMGeneration in server mode: no server; samples ids and per-token log-probs."""
-
-    def __init__(self, model, processing_class, max_completion_length, **kwargs):
-        assert kwargs.get("mode", "server") == "server"
-        super().__init__(model, processing_class, max_completion_length, **kwargs)
-        self.vllm_client = self  # TRL asks the server how it computes log-probs
-
-    def get_server_info(self):
-        return {"model_config": {"logprobs_mode": "processed_logprobs"}}
-
-
-@pytest.mark.parametrize("correction", [True, False])
-def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
-    """README: vLLM server mode works (the generation backend mocked, as the colocate test does)."""
-    from unittest.mock import patch
-
-    args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                         max_completion_length=8, max_steps=1, seed=0, use_vllm=True, vllm_mode="server",
-                         vllm_importance_sampling_correction=correction, **CPU)
-    with patch("trl.trainer.grpo_trainer.VLLMGeneration", FakeVLLMServerGeneration):
-        trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
-                                 train_dataset=tiny_dataset())
-    recorder = KernelRecorder()
-    with recorder.patch:
-        trainer.train()
-    assert len(recorder.outputs) == 1 and trainer.vllm_generation.syncs >= 1
-    assert "thr/kept_frac" in trainer.state.log_history[0]
 
 
 def test_each_metric_by_value_on_a_batch_built_by_hand(tiny_model_path, tmp_path, monkeypatch):
@@ -453,6 +479,50 @@ def test_the_kernel_gets_the_config_and_the_head(tiny_model_path, tmp_path):
         assert (kwargs["token_logprobs"] is None) is (normaliser == "exact")
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(thr_hidden_source="generate"), dict(thr_hidden_source="forward"), dict(num_iterations=2)],
+    ids=["generate", "forward", "old-logps"],
+)
+def test_states_and_gathered_head_are_freed_once_thr_is_computed(overrides, tiny_model_path, tmp_path, monkeypatch):
+    """Neither the captured `(B, T, d)` states nor a gathered `(V, d)` head outlive the THR call: both are gone by
+    the time the thresholds and weights are computed (their collectives, and the rest of the step, run without
+    them)."""
+    import gc
+    import weakref
+    from contextlib import contextmanager
+
+    import trl_thr._trl_compat as compat
+    import trl_thr.thr_grpo_trainer as trainer_module
+
+    @contextmanager
+    def gathered_head(head):  # stands in for a ZeRO-3/FSDP2 gather: a fresh (V, d) tensor, as full_tensor() gives
+        yield head.weight.detach().clone(), head.bias
+
+    seen = {}
+
+    def recording_compute_thr(hidden_states, completion_ids, mask, weight, *args, **kwargs):
+        seen.update(states=weakref.ref(hidden_states), head=weakref.ref(weight))
+        return compute_thr(hidden_states, completion_ids, mask, weight, *args, **kwargs)
+
+    weights_from_config = trainer_module.weights_from_config
+
+    def checking_weights_from_config(*args, **kwargs):
+        gc.collect()
+        seen.update(states_alive=seen["states"]() is not None, head_alive=seen["head"]() is not None)
+        return weights_from_config(*args, **kwargs)
+
+    monkeypatch.setattr(compat, "full_lm_head", gathered_head)
+    monkeypatch.setattr(trainer_module, "compute_thr", recording_compute_thr)
+    monkeypatch.setattr(trainer_module, "weights_from_config", checking_weights_from_config)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
+                             args=make_config(tmp_path, thr_threshold="none", **overrides),
+                             train_dataset=tiny_dataset())
+    trainer._generate_and_score_completions(list(tiny_dataset())[:1] * 4)
+    assert seen["states_alive"] is False, "the captured states outlived the THR call"
+    assert seen["head_alive"] is False, "the gathered LM head outlived the THR call"
+
+
 def test_a_thr_failure_raises_one_clear_error(tiny_model_path, tmp_path, monkeypatch):
     import trl_thr.thr_grpo_trainer as trainer_module
     from trl_thr.thr_grpo_trainer import THRComputationError
@@ -487,3 +557,15 @@ def test_a_completion_without_any_reward_is_never_positive(tiny_model_path, tmp_
                              thr_positive_reward_threshold=-1.0)
     generate(trainer, tiny_model_path)
     assert trainer._positive_mask(len(LENGTHS)).tolist() == [length != 3 for length in LENGTHS]
+
+
+def test_rejects_plain_grpo_config(tiny_model_path, tmp_path):
+    with pytest.raises(TypeError, match="needs a THRGRPOConfig"):
+        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
+                       args=GRPOConfig(output_dir=str(tmp_path), **CPU), train_dataset=tiny_dataset())
+
+
+def test_unknown_positive_reward_func(tiny_model_path, tmp_path):
+    args = make_config(tmp_path, thr_positive_reward_threshold=1.0, thr_positive_reward_func="accuracy")
+    with pytest.raises(ValueError, match="thr_positive_reward_func='accuracy' is not one of"):
+        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())

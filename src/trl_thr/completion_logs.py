@@ -67,31 +67,43 @@ def token_colour(value: float, scale: float) -> str:
 
 
 def group_heatmap_html(
-    tokens: list[list[str]], thr: list[list[float]], advantages: list[float], *, title: str = ""
+    tokens: list[list[str]], thr: list[list[float]], advantages: list[float], *, prompt: str = "", title: str = ""
 ) -> str:
-    """A self-contained HTML page showing one group's completions, each token coloured by its THR.
+    """A self-contained HTML page showing one group's prompt and completions, each token coloured by its THR.
+
+    Rows of completions with `A > 0` and rows with `A <= 0` each have their own opacity scale (the largest |THR| among
+    them), so that neither set is washed out by the other's larger values; the legend gives both scales.
 
     Args:
         tokens: the decoded tokens of each completion (counted tokens only).
         thr: THR of each of those tokens.
         advantages: the advantage of each completion.
-        title: a heading (e.g. the step and the prompt).
+        prompt: the group's prompt, shown above its completions.
+        title: a heading (e.g. the step).
     """
-    scale = max((abs(v) for row in thr for v in row), default=0.0)
+
+    def largest(positive: bool) -> float:
+        return max((abs(v) for row, a in zip(thr, advantages) if (a > 0) == positive for v in row), default=0.0)
+
+    scales = {True: largest(True), False: largest(False)}
     rows = []
     for row_tokens, row_thr, advantage in zip(tokens, thr, advantages):
+        scale = scales[advantage > 0]
         spans = "".join(
             f'<span title="THR {value:+.4g}" style="background:{token_colour(value, scale)}">'
             f"{html.escape(token)}</span>"
             for token, value in zip(row_tokens, row_thr)
         )
         rows.append(f'<div class="row"><b>A = {advantage:+.3f}</b> {spans}</div>')
+    shown_prompt = f'<div class="prompt">{html.escape(prompt)}</div>' if prompt else ""
     return (
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>THR heatmap</title><style>"
-        "body{font-family:sans-serif}.row{margin:6px 0;white-space:pre-wrap;font-family:monospace}"
-        "span{border-radius:2px}</style></head><body>"
+        "body{font-family:sans-serif}.row,.prompt{margin:6px 0;white-space:pre-wrap;font-family:monospace}"
+        ".prompt{color:#444;border-left:3px solid #bbb;padding-left:6px}span{border-radius:2px}</style></head><body>"
         f"<h3>{html.escape(title)}</h3><p>Green: THR &gt; 0 (the update helps the group's positive completions); "
-        f"red: THR &lt; 0. Opacity: |THR| relative to the largest in the group ({scale:.3g}).</p>"
+        "red: THR &lt; 0. Opacity: |THR| relative to the largest among completions of the same sign of advantage "
+        f"(A &gt; 0: {scales[True]:.3g}; A &le; 0: {scales[False]:.3g}).</p>"
+        + shown_prompt
         + "".join(rows)
         + "</body></html>"
     )

@@ -1,3 +1,4 @@
+import logging
 import math
 import os
 import textwrap
@@ -25,6 +26,11 @@ from .thr import (
     thr_weights,
 )
 from .thr_grpo_config import THRGRPOConfig
+
+logger = logging.getLogger(__name__)
+
+# While no generation batch carries a learning signal, the warning is repeated every this many batches.
+NO_SIGNAL_WARNING_EVERY = 10
 
 THR_TITLE = "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning"
 
@@ -174,13 +180,16 @@ class THRGRPOTrainer(GRPOTrainer):
         # The gathered rewards of the running generation batch, for `thr_positive_reward_threshold`: TRL's batch dict
         # carries advantages, not rewards.
         self._rewards_per_func: torch.Tensor | None = None
-        # With `log_completions`: one group's THR heatmap `(step, html)`, sent at the next `log()`.
-        self._thr_heatmap: tuple[int, str] | None = None
+        # With `log_completions`: one group's tokens, THR, advantages and prompt, drawn as a heatmap at the next
+        # `log()` (`group_heatmap_html`'s arguments).
+        self._thr_heatmap: dict | None = None
         # Armed only around TRL's generation step, so that its first `generate` call is recorded for THR.
         self._generation_capture: GenerationCapture | None = None
         # Armed only while TRL runs its own old-policy forward inside `_generate_and_score_completions`, so that THR
         # reads that forward's hidden states instead of running another one.
         self._old_policy_capture: compat.BackboneCapture | None = None
+        # Generation batches in a row without any learning signal, for `_watch_learning_signal`'s warning.
+        self._no_signal_streak = 0
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -203,8 +212,14 @@ class THRGRPOTrainer(GRPOTrainer):
         return self._rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        if self.args.thr_strategy == "none":
-            return super()._generate_and_score_completions(inputs)
+        batch = (super()._generate_and_score_completions(inputs) if self.args.thr_strategy == "none"
+                 else self._generate_with_thr_weights(inputs))
+        if self.model.training:
+            self._watch_learning_signal(batch)
+        return batch
+
+    def _generate_with_thr_weights(self, inputs) -> dict:
+        """GRPOTrainer's batch with THR's weights (`thr_weights`, `(B, T)`) where they differ from GRPO's."""
         batch, states = self._generate_with_thr_states(inputs)
         start = time.perf_counter()
         positive = self._positive_mask(batch["advantages"].size(0))
@@ -476,14 +491,13 @@ class THRGRPOTrainer(GRPOTrainer):
         group = int(record.active_groups.nonzero()[0])
         rows = range(group * num_generations, (group + 1) * num_generations)
         row_masks = [mask[row] for row in rows]
-        self._thr_heatmap = (
-            self.state.global_step,
-            group_heatmap_html(
-                [[decode(t) for t in ids[row][row_mask].tolist()] for row, row_mask in zip(rows, row_masks)],
-                [thr[row][row_mask].float().tolist() for row, row_mask in zip(rows, row_masks)],
-                record.advantages[group * num_generations : (group + 1) * num_generations].tolist(),
-                title=f"THR of one group at step {self.state.global_step}",
-            ),
+        prompt_row = rows[0]
+        prompt_ids = batch["prompt_ids"][prompt_row][batch["prompt_mask"][prompt_row].bool()]
+        self._thr_heatmap = dict(
+            tokens=[[decode(t) for t in ids[row][row_mask].tolist()] for row, row_mask in zip(rows, row_masks)],
+            thr=[thr[row][row_mask].float().tolist() for row, row_mask in zip(rows, row_masks)],
+            advantages=record.advantages[group * num_generations : (group + 1) * num_generations].tolist(),
+            prompt=tokenizer.decode(prompt_ids.tolist()),
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -491,12 +505,36 @@ class THRGRPOTrainer(GRPOTrainer):
         heatmap, self._thr_heatmap = self._thr_heatmap, None
         if heatmap is None or not self.accelerator.is_main_process:
             return
-        step, page = heatmap
+        step = self.state.global_step  # the step TRL's completions table, logged just now, gives the same batch
+        page = group_heatmap_html(**heatmap, title=f"THR of one group at step {step}")
         trackers = [tracker for tracker in compat.completion_trackers(self) if hasattr(tracker, "Html")]
         for tracker in trackers:
             tracker.log({"thr/heatmap": tracker.Html(page)})
         if not trackers:
             write_text_atomically(os.path.join(self.args.output_dir, "thr_heatmaps", f"step_{step:05d}.html"), page)
+
+    def _watch_learning_signal(self, batch: dict) -> None:
+        """Logs `frac_no_learning_signal` (1 for a generation batch whose every counted token has advantage 0) and
+        warns, once and then every `NO_SIGNAL_WARNING_EVERY` batches while it lasts, with the cause and the fix."""
+        counted = _counted_tokens(batch).sum(dim=1) > 0  # (B,): rows the loss sees
+        local = torch.stack([(counted & (batch["advantages"] != 0)).sum(), counted.sum()]).double()
+        rows_with_signal, rows_counted = self.accelerator.reduce(local, reduction="sum").tolist()
+        no_signal = rows_with_signal == 0
+        self._metrics["train"]["frac_no_learning_signal"].append(float(no_signal))
+        self._no_signal_streak = self._no_signal_streak + 1 if no_signal else 0
+        if not no_signal or (self._no_signal_streak - 1) % NO_SIGNAL_WARNING_EVERY != 0:
+            return
+        if rows_counted == 0 and self.args.mask_truncated_completions:
+            cause = (f"every completion reached max_completion_length={self.args.max_completion_length} and "
+                     "mask_truncated_completions=True masks them all. Raise max_completion_length, or set "
+                     "mask_truncated_completions=False.")
+        else:
+            cause = ("every group's completions got equal rewards, so every advantage is 0. Check that the rewards "
+                     "can differ within a group (e.g. the answer column and the reward's grading), or make the "
+                     "task's difficulty fit the model, or raise num_generations or temperature.")
+        if self.accelerator.is_main_process:
+            logger.warning("No learning signal for %d generation batch(es) in a row (loss and gradient are 0): %s",
+                           self._no_signal_streak, cause)
 
     def _on_every_process(self, holds: bool) -> bool:
         """Whether `holds` is true on every process (one all-reduce; no communication in a single process)."""

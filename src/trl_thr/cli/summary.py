@@ -54,6 +54,20 @@ def reward_window(num_steps: int) -> int:
     return max(1, num_steps // 4)
 
 
+def steps_without_learning_signal(log_history: list[dict]) -> int | None:
+    """Optimizer steps whose generation batch carried no learning signal (every counted advantage 0), from the
+    trainer's `frac_no_learning_signal` (a fraction per logging window, times the window's steps); `None` if the
+    trainer logged none."""
+    total, previous_step, logged = 0.0, 0, False
+    for entry in log_history:
+        value = entry.get("frac_no_learning_signal")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        total += float(value) * (entry["step"] - previous_step)
+        previous_step, logged = entry["step"], True
+    return round(total) if logged else None
+
+
 def summarize(log_history: list[dict], seconds: float, steps: int) -> dict:
     """Steps, time, the reward at the start and the end with its spread, and the average of every `thr/*` metric.
 
@@ -71,6 +85,9 @@ def summarize(log_history: list[dict], seconds: float, steps: int) -> dict:
         summary.update(reward_window=window, reward_start=start, reward_start_sd=start_sd, reward_end=end,
                        reward_end_sd=end_sd,
                        reward_change_within_noise=None if window == 1 else abs(end - start) < 2 * standard_error)
+    without_signal = steps_without_learning_signal(log_history)
+    if without_signal is not None:
+        summary["steps_without_learning_signal"] = without_signal
     keys = sorted({key for entry in log_history for key in entry if key.startswith("thr/")})
     for key in keys:
         _, values = metric_series(log_history, key)
@@ -91,6 +108,9 @@ def format_summary(summary: dict, demo: bool = False) -> str:
             lines.append("One step at each end is too few to tell learning from sampling noise.")
         elif summary["reward_change_within_noise"]:
             lines.append("The change is within the step-to-step noise: it is no evidence of learning.")
+    if summary.get("steps_without_learning_signal"):
+        lines.append(f"{summary['steps_without_learning_signal']} of {summary['steps']} steps carried no learning "
+                     "signal (every advantage 0, or every completion masked): see the warnings above.")
     thr = {k: v for k, v in summary.items() if k.startswith("thr/")}
     if thr:
         lines.append("THR averages: " + ", ".join(f"{k[4:]}={v:.3g}" for k, v in thr.items()))

@@ -13,6 +13,7 @@ import pytest
 from trl_thr import THRGRPOTrainer
 from trl_thr.cli import main
 from trl_thr.cli.errors import UsageError
+from trl_thr.cli.run_dir import RunRecord
 from trl_thr.cli.commands.train import DEMO_CONFIG, GRPO_CHOICES, check_choices, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,20 +129,70 @@ def test_a_failed_run_keeps_the_record_of_a_finished_one(tiny_model_path, tmp_pa
     assert [p.name for p in out.iterdir()] == ["trl_thr_run.json"]
 
 
-def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(tiny_model_path, tmp_path, capsys):
+def test_a_directory_with_another_runs_checkpoints_is_refused_before_any_model_loads(tiny_model_path, tmp_path,
+                                                                                     capsys):
     out = tmp_path / "run"
     record = finished_record(out)
     (out / "checkpoint-2").mkdir()
-    with patch.object(THRGRPOTrainer, "train", side_effect=KeyboardInterrupt):
+    with patch("trl_thr.cli.models.resolve_model", side_effect=AssertionError("a model was resolved")):
         code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out)])
-    assert code == 130
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"trl-thr train: error: output_dir={out} holds checkpoints of an earlier run (1, the last "
+                           "checkpoint-2).")
+    assert json.loads((out / "trl_thr_run.json").read_text()) == record
+
+
+def cli_lines(err: str) -> list[str]:
+    """The lines trl-thr itself printed (not a progress bar's last refresh)."""
+    return [line for line in err.splitlines() if line.startswith("trl-thr ")]
+
+
+def interrupt_after_first_save(original=RunRecord.callback):
+    """`RunRecord.callback` that raises Ctrl-C once the first checkpoint and its record are written."""
+
+    def callback(self):
+        recorder = original(self)
+
+        class InterruptAfterSave(type(recorder)):
+            def on_save(self, args, state, control, **kwargs):
+                super().on_save(args, state, control, **kwargs)
+                raise KeyboardInterrupt
+
+        return InterruptAfterSave()
+
+    return callback
+
+
+def test_ctrl_c_names_this_runs_checkpoint_and_a_resumed_run_goes_on_from_it(tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    train = ["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out),
+             "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "2"]
+    with patch.object(RunRecord, "callback", interrupt_after_first_save()):
+        assert main(train) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    checkpoint = out / "checkpoint-2"
-    assert err.strip().splitlines()[-1] == (f"trl-thr train: interrupted: the last checkpoint is {checkpoint}; add "
-                                            f"--resume_from_checkpoint {checkpoint} to the same command to resume "
-                                            "from it.")
-    assert json.loads((out / "trl_thr_run.json").read_text()) == record
+    first = out / "checkpoint-1"
+    assert cli_lines(err)[-1] == (f"trl-thr train: interrupted: the last checkpoint is {first}; add "
+                                            f"--resume_from_checkpoint {first} to the same command to resume from it.")
+    saved = json.loads((first / "trl_thr_run.json").read_text())
+    assert (saved["finished"], saved["global_step"], saved["resumed_from"]) == (False, 1, None)
+    assert not (out / "trl_thr_run.json").exists()  # no finished model in output_dir to describe
+
+    resume = train + ["--resume_from_checkpoint", str(first)]
+    assert main(resume + ["--learning_rate", "0.5"]) == 2
+    assert "was trained with other settings (learning_rate 0.001 -> 0.5)" in capsys.readouterr().err
+    # a resumed run interrupted before it saves: another invocation, so checkpoint-1 is not its own
+    with patch.object(THRGRPOTrainer, "train", side_effect=KeyboardInterrupt):
+        assert main(resume) == 130
+    assert cli_lines(capsys.readouterr().err)[-1] == (
+        f"trl-thr train: interrupted: this run saved no checkpoint; it resumed from {first}, so the same command "
+        "resumes from there again.")
+    assert main(resume) == 0
+    final = json.loads((out / "trl_thr_run.json").read_text())
+    assert final["finished"] and final["global_step"] == 2 and final["run_id"] != saved["run_id"]
+    assert final["resumed_from"]["checkpoint"] == str(first) and final["resumed_from"]["run_id"] == saved["run_id"]
+    assert json.loads((out / "checkpoint-2" / "trl_thr_run.json").read_text())["run_id"] == final["run_id"]
 
 
 def test_ctrl_c_in_analyze_is_one_line(tmp_path, capsys):
@@ -197,6 +248,7 @@ def test_train_end_to_end(tmp_path):
     result = run_cli(["train", "--config", TINY, "--output_dir", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Trained 3 steps" in result.stdout and "THR averages" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr  # TRL's checkpointing field's rename warnings included
     summary = json.loads((out / "thr_summary.json").read_text())
     assert summary["steps"] == 3 and "thr/mean_weight" in summary
     assert (out / "thr_metrics.png").stat().st_size > 10_000
@@ -236,3 +288,56 @@ def test_demo_with_smollm2(tmp_path):
     result = run_cli(["train", "--max_steps", "2", "--output_dir", str(tmp_path / "demo")], tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Trained 2 steps" in result.stdout
+
+
+def write_lines(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_each_bad_input_is_one_line_before_any_model_loads(tiny_model_path, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from trl_thr.cli.models import TOKENIZER_FILES
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model_path, no_tokenizer)
+    for name in TOKENIZER_FILES:
+        (no_tokenizer / name).unlink(missing_ok=True)
+    broken = write_lines(tmp_path / "broken.jsonl", [{"question": "1+1", "answer": "2"}, '{"question": "2+2", '])
+    listed = write_lines(tmp_path / "listed.jsonl", [{"question": "1+1", "answer": "2"}, ["2+2", "4"]])
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--model_name_or_path", str(no_tokenizer)], f"model {no_tokenizer} has no tokenizer: tokenizer_config.json is "
+                                                      "there but none of tokenizer.json, "),
+        (["--dataset_name", str(broken)], f"{broken}: line 2 is not valid JSON (Expecting property name enclosed in double quotes)."),
+        (["--dataset_name", str(listed)], f"{listed}: line 2 is a JSON list, not an object of columns."),
+        (["--output_dir", str(tmp_path / "afile" / "run")], f"output_dir={tmp_path / 'afile' / 'run'} cannot be "
+                                                            f"written: Not a directory ({tmp_path / 'afile'} is a file)"),
+        (["--max_steps", "-3"], "max_steps=-3: give a positive number of optimizer steps, or -1 to train "
+                                "num_train_epochs epochs."),
+        (["--max_steps", "0"], "max_steps=0: give a positive number"),
+    ]
+    for argv, message in cases:
+        with patch.object(AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError("a model loaded")):
+            code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path,
+                         "--output_dir", str(tmp_path / "out"), *argv])
+        lines = cli_lines(capsys.readouterr().err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("trl-thr train: error: "), (argv, lines)
+        assert message in lines[0], (argv, lines[0])
+
+
+def test_prompt_only_data_in_trls_layout_trains_when_no_reward_reads_an_answer(tiny_model_path, tmp_path, capsys):
+    data = write_lines(tmp_path / "prompts.jsonl",
+                       [{"prompt": [{"role": "user", "content": f"Count to {n}."}]} for n in range(8)])
+    common = ["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--dataset_name", str(data),
+              "--max_steps", "1"]
+    assert main([*common, "--reward_funcs", "trl_thr.tiny:digit_reward", "--output_dir", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "trl_thr_run.json").read_text())["finished"]
+    # a reward that grades answers needs the answer column: refused, naming it, before training
+    with patch.object(THRGRPOTrainer, "__init__", side_effect=AssertionError("a trainer was built")):
+        assert main([*common, "--reward_funcs", "accuracy", "--output_dir", str(tmp_path / "b")]) == 2
+    (line,) = cli_lines(capsys.readouterr().err)
+    assert "answer" in line, line

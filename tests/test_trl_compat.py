@@ -7,7 +7,7 @@ from unittest.mock import patch
 import pytest
 import torch
 import trl
-from tiny import length_reward, tiny_dataset
+from helpers import CPU, length_reward, tiny_dataset
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
@@ -15,13 +15,29 @@ from trl.trainer.utils import add_fused_lm_head
 from trl_thr import _trl_compat as compat
 from trl_thr.thr import transform_logits
 
-CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no")
-
 
 def test_supported_trl_version():
     assert trl.__version__.startswith(compat.SUPPORTED_TRL + ".")
     with patch.object(compat.trl, "__version__", "1.17.0"), pytest.raises(ImportError, match="trl>=1.16,<1.17"):
         compat.check_supported_trl()
+
+
+def test_the_package_pins_what_it_relies_on():
+    """TRL to the minor version whose internals `_trl_compat` mirrors, transformers below its next major (which drops
+    the `gradient_checkpointing` names TRL 1.16 uses)."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    pins = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
+    assert "1.17.0" not in pins["trl"] and pins["trl"].contains(trl.__version__)
+    assert compat.SUPPORTED_TRL + ".0" in pins["trl"] and "1.15.9" not in pins["trl"]
+    assert "6.0.0" not in pins["transformers"] and "5.99" in pins["transformers"]
+    import transformers
+
+    assert pins["transformers"].contains(transformers.__version__)
 
 
 def test_forward_keys_are_exactly_the_multimodal_parameters_of_the_log_prob_forward():

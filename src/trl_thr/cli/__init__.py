@@ -11,6 +11,7 @@ them, and `--help` listing every field.
 import argparse
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 from trl_thr.cli.errors import UsageError
@@ -21,6 +22,16 @@ COMMANDS = {
     "analyze": ("trl_thr.cli.commands.analyze", "Sample groups, compute THR per token, and write a report."),
 }
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+# TRL 1.16 spells the field `gradient_checkpointing` (its configs default it to True) and reads
+# `model.is_gradient_checkpointing`; transformers >= 5.23 renamed both to `activation_checkpointing` and warns on every
+# TRL run. Nothing a user of TRL's argument names can change avoids them, so the command line does not print them.
+UPSTREAM_RENAME_WARNINGS = ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated")
+
+
+def ignore_upstream_rename_warnings() -> None:
+    for message in UPSTREAM_RENAME_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def split_config_flag(argv: list[str]) -> list[str]:
@@ -108,6 +119,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
     """Run a subcommand: a `UsageError` becomes one line on stderr and exit status 2, Ctrl-C one line saying what
     was kept and exit status 130."""
     argv = sys.argv[1:] if argv is None else argv
+    ignore_upstream_rename_warnings()
     module = None
     try:
         module = importlib.import_module(COMMANDS[command][0])  # inside: importing TRL takes seconds

@@ -85,8 +85,16 @@ def read_record(directory: str | Path) -> dict | None:
         return None
 
 
+def start_run(launched: bool) -> str:
+    """Give the run this invocation starts its id (see `RUN_ID_VARIABLE`): a new one for every invocation, so that two
+    runs in one Python process never share one; a process launched by `trl-thr train` keeps its launcher's."""
+    if not launched or RUN_ID_VARIABLE not in os.environ:
+        os.environ[RUN_ID_VARIABLE] = uuid.uuid4().hex
+    return os.environ[RUN_ID_VARIABLE]
+
+
 def current_run_id() -> str:
-    """This run's id (see `RUN_ID_VARIABLE`), made on first use by the process that starts the run."""
+    """The id `start_run` gave this run (made here if the run did not go through it)."""
     return os.environ.setdefault(RUN_ID_VARIABLE, uuid.uuid4().hex)
 
 

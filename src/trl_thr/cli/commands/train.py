@@ -27,7 +27,7 @@ from trl_thr.cli.launch import (
     launch_script,
     wants_launch,
 )
-from trl_thr.cli.run_dir import RunRecord, current_run_id, prepare_output_dir, run_settings
+from trl_thr.cli.run_dir import RunRecord, prepare_output_dir, run_settings, start_run
 from trl_thr.cli.run_dir import interrupted_message as describe_interruption
 from trl_thr.thr_grpo_config import THRGRPOConfig
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None):
         raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
     if not model_args.model_name_or_path:
         raise UsageError("set model_name_or_path (a hub id, a local directory, or builtin:tiny-qwen2).")
-    current_run_id()  # made here, before any launch: the launched processes inherit it
+    start_run(launched=inside_launched_process())  # before any launch: the launched processes inherit the id
     resumed_from = prepare_output_dir(
         training_args.output_dir, run_settings(script_args, model_args, training_args),
         resume_from=training_args.resume_from_checkpoint,

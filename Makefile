@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# On a machine without CUDA, install this CPU build of torch first: an unpinned torch from PyPI is a multi-GB CUDA
-# build. Point TORCH_INDEX_URL at https://download.pytorch.org/whl/cpu where that index is reachable.
+# On a machine without CUDA, torch==$(TORCH_VERSION) is installed first, from the index pip is configured with: from
+# stock PyPI on Linux that is the multi-GB CUDA build. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu gets the
+# CPU build; left empty, a local wheel or mirror that pip already sees is used as it is.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q

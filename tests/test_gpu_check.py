@@ -143,18 +143,6 @@ def test_cpu_peak_tensor_bytes_sees_live_tensors():
     assert 12_000_000 <= peak < 14_000_000
 
 
-def test_thr_memory_formula_is_numel_times_element_size():
-    import bench_step
-
-    formula = bench_step.thr_memory_formula(batch_rows=8, length=64, hidden_size=576, vocab_size=49152,
-                                            distinct_ids=300, hidden_bytes=4, head_bytes=4, block_elements=2**24,
-                                            group_tokens=512)
-    assert formula["captured_states_bytes"] == 8 * 64 * 576 * 4
-    assert formula["gathered_head_bytes_if_sharded"] == 49152 * 576 * 4
-    assert formula["kernel_block_bytes"] == 512 * 300 * 4  # below the thr_block_elements bound
-    assert formula["total_sharded_bytes"] - formula["total_unsharded_bytes"] == 49152 * 576 * 4
-
-
 def test_thr_weight_flips_of_identical_values():
     thr = torch.tensor([[0.5, -0.2, 0.1], [0.3, 0.0, -0.4]])
     mask = torch.ones(2, 3)

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from trl_thr.files import write_json_atomically, write_text_atomically
+
 # Arms without a `:p` suffix; `strategy:p` (e.g. `amplify:-0.25`) gives any strategy its own p.
 NAMED_ARMS = ("grpo", "positive-amplify", "negative-amplify", "amplify", "dominant-only", "nthr")
 OPERATIONS = ("add", "sub", "mul")
@@ -55,14 +57,6 @@ def parse_arm(arm: str, default_p: float) -> tuple[str, float]:
 def run_name(arm: str, seed: int) -> str:
     """The directory and record name of one run, e.g. `amplify_p-0.25-s3` (no ':' in file names)."""
     return f"{arm.replace(':', '_p')}-s{seed}"
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    """Write to a temporary file in the same directory, then rename: a kill leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,9 +109,7 @@ def sample_problems(facts, count: int, rng: random.Random, exclude=frozenset()) 
 
 
 def write_problems(path: Path, rows: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temporary, path)
+    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def prepare_task(args, data_dir: Path) -> dict:
@@ -283,7 +275,7 @@ def prepare_base(args, root: Path, task: dict) -> dict:
         record["path"] = str(base_dir)
     else:
         record["path"] = str(start_dir)
-    write_json_atomic(record_path, record)
+    write_json_atomically(record_path, record)
     return record
 
 
@@ -382,7 +374,7 @@ def run_one(args, root: Path, arm: str, seed: int, base: dict, task: dict, prove
     if not train_done.exists():
         seconds = run_logged(cli("train", "--config", str(config_path)), log)
         state = json.loads((model_dir / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())
-        write_json_atomic(train_done, {"seconds": round(seconds, 1), "log_history": state["log_history"]})
+        write_json_atomically(train_done, {"seconds": round(seconds, 1), "log_history": state["log_history"]})
     trained = json.loads(train_done.read_text())
     eval_dir = run_dir / "eval"
     started = time.time()
@@ -398,7 +390,7 @@ def run_one(args, root: Path, arm: str, seed: int, base: dict, task: dict, prove
         "eval_seconds": round(time.time() - started, 1), "metrics": evaluation["metrics"],
         "eval_config": evaluation["config"], "log_history": trained["log_history"], **provenance,
     }
-    write_json_atomic(record_path, record)
+    write_json_atomically(record_path, record)
     (run_dir / "lock").unlink(missing_ok=True)
     return record
 
@@ -483,7 +475,7 @@ def main(argv=None):
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     provenance = source_provenance()
-    write_json_atomic(root / "study.json", {"args": vars(args), "argv": sys.argv, **provenance})
+    write_json_atomically(root / "study.json", {"args": vars(args), "argv": sys.argv, **provenance})
     task = prepare_task(args, root / "data")
     base = prepare_base(args, root, task)
     base_metrics = evaluate_base(args, root, base, task)

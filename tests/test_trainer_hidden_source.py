@@ -41,9 +41,29 @@ def thr_of_one_batch(model_path, tmp_path, source):
     return batch, seen["thr"]
 
 
-def test_recorded_states_give_the_forwards_thr(tiny_model_path, tmp_path):
-    recorded, thr_recorded = thr_of_one_batch(tiny_model_path, tmp_path, "generate")
-    forward, thr_forward = thr_of_one_batch(tiny_model_path, tmp_path, "forward")
+def with_biased_head(model_path):
+    """The tiny model with an LM head that has a bias (as Phi's has), large enough to change which token wins."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(torch.randn(head.out_features, generator=torch.Generator().manual_seed(0)) * 2.0)
+        biased.bias[2] = biased.bias.max() - 2.0  # EOS stays likely, so the completions stay ragged
+    model.config.tie_word_embeddings = False
+    model.set_output_embeddings(biased)
+    return model
+
+
+@pytest.mark.parametrize("head", ["plain", "biased"])
+def test_recorded_states_give_the_forwards_thr(head, tiny_model_path, tmp_path):
+    def model():
+        return tiny_model_path if head == "plain" else with_biased_head(tiny_model_path)
+
+    recorded, thr_recorded = thr_of_one_batch(model(), tmp_path, "generate")
+    forward, thr_forward = thr_of_one_batch(model(), tmp_path, "forward")
     assert torch.equal(recorded["completion_ids"], forward["completion_ids"])  # same samples: a fair comparison
     mask = recorded["completion_mask"].bool()
     assert not mask.all(), "some completions should stop at EOS before the limit"

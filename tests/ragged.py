@@ -24,9 +24,10 @@ def length_of_completion(completion_ids, **kwargs):
 class RaggedRollout:
     """A `rollout_func` returning fixed random completions of `LENGTHS` tokens, EOS-terminated when short."""
 
-    def __init__(self, tokenizer, seed=0):
+    def __init__(self, tokenizer, seed=0, env_mask=None):
         self.tokenizer = tokenizer
         self.gen = torch.Generator().manual_seed(seed)
+        self.env_mask = env_mask  # per-row lists of 0/1, returned as TRL's `env_mask` (0: not the model's tokens)
 
     def __call__(self, prompts, trainer):
         assert len(prompts) == len(LENGTHS)
@@ -37,7 +38,10 @@ class RaggedRollout:
             if length < MAX_COMPLETION_LENGTH:
                 ids[-1] = self.tokenizer.eos_token_id
             completion_ids.append(ids)
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+        output = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+        if self.env_mask is not None:
+            output["env_mask"] = self.env_mask
+        return output
 
 
 def two_prompts(model_path):
@@ -49,7 +53,7 @@ def two_prompts(model_path):
     return [{"prompt": p} for p in chosen for _ in range(NUM_GENERATIONS)]
 
 
-def ragged_trainer(model_path, output_dir, reward_funcs=length_of_completion, **overrides):
+def ragged_trainer(model_path, output_dir, reward_funcs=length_of_completion, env_mask=None, **overrides):
     """A THRGRPOTrainer on two groups of `LENGTHS` completions (see `RaggedRollout`), amplify without a threshold."""
     kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_generations=NUM_GENERATIONS,
                   max_completion_length=MAX_COMPLETION_LENGTH, max_steps=1, seed=0, temperature=TEMPERATURE,
@@ -58,6 +62,6 @@ def ragged_trainer(model_path, output_dir, reward_funcs=length_of_completion, **
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     trainer = THRGRPOTrainer(model=model_path, reward_funcs=reward_funcs, args=THRGRPOConfig(**kwargs),
                              train_dataset=Dataset.from_dict({"prompt": ["x"] * 8}),
-                             rollout_func=RaggedRollout(tokenizer))
+                             rollout_func=RaggedRollout(tokenizer, env_mask=env_mask))
     trainer.model.train()  # as inside `train()`: metrics go to `_metrics["train"]`
     return trainer

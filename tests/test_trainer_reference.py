@@ -74,3 +74,32 @@ def test_kernel_never_receives_a_batch_by_vocabulary_tensor(tiny_variant_path, t
     (numels,) = recorder.argument_numels
     assert max(numels) == max(batch_size * length * hidden, vocab * hidden)
     assert batch_size * length * vocab not in numels
+
+
+# TRL's `env_mask` (a rollout's) becomes `tool_mask`: 0 on tokens the model did not write, which the loss leaves out.
+# Some fall in positive completions (they would enter every THR's sum) and some in a negative one.
+ENV_MASK = [[1] * n for n in LENGTHS]
+for row, (start, stop) in {1: (2, 5), 3: (1, 3), 4: (3, 6), 7: (0, 2)}.items():
+    ENV_MASK[row][start:stop] = [0] * (stop - start)
+
+
+@pytest.mark.parametrize("vocab", ["full", "sampled"])
+def test_tool_outputs_take_no_part_in_thr(vocab, tiny_variant_path, tmp_path):
+    model_path = tiny_variant_path("qwen2-untied")
+    trainer = ragged_trainer(model_path, tmp_path, env_mask=ENV_MASK, thr_vocab=vocab)
+    recorder = KernelRecorder()
+    with recorder.patch:
+        batch = trainer._generate_and_score_completions(two_prompts(model_path))
+    tool_mask = batch["tool_mask"].bool()
+    assert (~tool_mask[batch["completion_mask"].bool()]).sum() == 10, "the rollout's env_mask did not reach the batch"
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
+    grads, _ = per_token_gradients(model, batch, LENGTHS, TEMPERATURE)
+    expected = reference_thr(grads, batch["completion_ids"], LENGTHS, [float(n) for n in LENGTHS], NUM_GENERATIONS,
+                             vocab, counted=tool_mask.tolist())
+    (thr,) = recorder.outputs
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(thr.double(), expected, rtol=1e-4, atol=1e-5 * scale)
+    assert (batch["thr_weights"][~tool_mask] == 0).all()
+    counted = (batch["completion_mask"] * batch["tool_mask"]).bool()
+    assert (batch["thr_weights"][counted] != 0).all()

@@ -50,11 +50,14 @@ def per_token_gradients(model, batch, lengths, temperature):
     return grads_delta, grads_weight
 
 
-def reference_thr(grads, completion_ids, lengths, rewards, num_generations, vocab, positive=None):
+def reference_thr(grads, completion_ids, lengths, rewards, num_generations, vocab, positive=None, counted=None):
     """THR `(B, T)` from per-token gradients: the double sum of docs/theory.md §1, token pair by token pair.
 
     Signs are those of `reward - group mean` (the advantages' signs); `positive` `(B,)` bools default to rewards
     above the group mean (`A > 0`). A group whose rewards are all equal, or whose positive set is empty, gets 0.
+    `counted` `(B, T)` bools, default every real token: the tokens the loss counts (TRL's `tool_mask` leaves tool
+    outputs out). Only they take part in the sums, the `1/|y_i|` count and the sampled vocabulary, and only they
+    get a THR; the others keep 0.
     """
     thr = torch.zeros(len(lengths), completion_ids.size(1), dtype=torch.float64)
     starts = [sum(lengths[:row]) for row in range(len(lengths))]
@@ -64,14 +67,15 @@ def reference_thr(grads, completion_ids, lengths, rewards, num_generations, voca
         members = [r for r in rows if (rewards[r] > mean if positive is None else positive[r])]
         if not members or len({rewards[r] for r in rows}) == 1:
             continue
-        ids = torch.cat([completion_ids[r, : lengths[r]] for r in rows]).unique()  # never a padding position
+        tokens = {r: [t for t in range(lengths[r]) if counted is None or counted[r][t]] for r in rows}
+        ids = torch.cat([completion_ids[r, tokens[r]] for r in rows]).unique()  # never a padding position
         restrict = (lambda g: g) if vocab == "full" else (lambda g: g[ids])
         for j in rows:
             sign = (rewards[j] > mean) - (rewards[j] < mean)
-            for t in range(lengths[j]):
+            for t in tokens[j]:
                 g_jt = restrict(grads[starts[j] + t])
                 total = 0.0
                 for i in members:
-                    total += sum((restrict(grads[starts[i] + k]) * g_jt).sum() for k in range(lengths[i])) / lengths[i]
+                    total += sum((restrict(grads[starts[i] + k]) * g_jt).sum() for k in tokens[i]) / len(tokens[i])
                 thr[j, t] = sign * total
     return thr

@@ -319,9 +319,7 @@ class THRGRPOTrainer(GRPOTrainer):
 
         # GSPO-token (see `gspo_token.py`): TRL's token-level ratio with old log-probs that turn it into
         # sg[s_i] * pi / sg[pi]. They depend on the training forward's log-probs, so they are set right after it.
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
+        mask = _counted_tokens(inputs)
         sampling_logps = inputs.get("old_per_token_logps")
 
         def set_old_logps(per_token_logps):

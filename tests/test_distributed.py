@@ -78,3 +78,13 @@ def test_two_process_training_exits_every_time(tiny_model_path, tmp_path):
         assert json.loads((out / "trl_thr_run.json").read_text())["world_size"] == 2
         assert json.loads((out / "thr_summary.json").read_text())["steps"] == 1
         assert (out / "model.safetensors").exists()
+
+
+def test_processes_agree_on_the_hidden_state_source(tiny_model_path, tmp_path):
+    """One process cannot align its generation records, the other can: both must run THR's own forward, since under
+    ZeRO-3/FSDP that forward has collectives and a process running it alone would hang."""
+    result = launch_two_processes(WORKERS / "hidden_source_agreement_run.py", tiny_model_path, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["own_forward"] for r in ranks] == [[1.0], [1.0]]
+    assert ranks[0]["forwards"] == ranks[1]["forwards"]

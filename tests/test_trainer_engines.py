@@ -70,13 +70,15 @@ class FakeVLLMServerGeneration(FakeVLLMGeneration):
 
 @pytest.mark.parametrize("correction", [True, False])
 def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
-    """README: vLLM server mode works (the generation backend mocked, as the colocate test does)."""
+    """THR's data flow in vLLM server mode (the generation backend mocked). The trainer runs on CPU here, where a
+    real server is refused (next test): the fake server needs no NCCL weight transfer."""
     from unittest.mock import patch
 
     args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                          max_completion_length=8, max_steps=1, seed=0, use_vllm=True, vllm_mode="server",
                          vllm_importance_sampling_correction=correction, **CPU)
-    with patch("trl.trainer.grpo_trainer.VLLMGeneration", FakeVLLMServerGeneration):
+    with (patch("trl.trainer.grpo_trainer.VLLMGeneration", FakeVLLMServerGeneration),
+          patch("trl_thr._trl_compat.vllm_server_refusal", return_value=None)):
         trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
                                  train_dataset=tiny_dataset())
     recorder = KernelRecorder()
@@ -84,3 +86,25 @@ def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
         trainer.train()
     assert len(recorder.outputs) == 1 and trainer.vllm_generation.syncs >= 1
     assert "thr/kept_frac" in trainer.state.log_history[0]
+
+
+def test_vllm_server_mode_on_cpu_is_refused_up_front(tiny_model_path, tmp_path):
+    """TRL 1.16 would wait for the server, then fail in its NCCL weight transfer: refused before anything loads."""
+    from unittest.mock import patch
+
+    args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=8, max_steps=1, use_vllm=True, vllm_mode="server", **CPU)
+    built = []
+    with (patch("trl.trainer.grpo_trainer.VLLMGeneration", lambda *a, **k: built.append(1)),
+          pytest.raises(ValueError, match="vllm_mode='server' needs the trainer on a CUDA device.*colocate")):
+        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+    assert not built  # refused before TRL's client would wait for a server
+
+
+def test_fsdp_config_that_accelerate_did_not_build_is_refused(tiny_model_path, tmp_path, monkeypatch):
+    """`accelerate launch` with an FSDP config on a CPU: accelerate builds DDP and says nothing; the trainer says."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=8, max_steps=1, **CPU)
+    with pytest.raises(ValueError, match="asks for FSDP, which accelerate builds only on GPUs.*multi_gpu"):
+        THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())

@@ -182,3 +182,38 @@ def test_generation_capture_reads_attributes_trl_sets(tiny_model_path, tmp_path)
     assert parameters[:4] == ["self", "prompt_ids", "images", "multimodal_fields"]
     source = inspect.getsource(GRPOTrainer._generate_single_turn)
     assert source.count("unwrapped_model.generate(") == 1  # one generate call on the plain path
+
+
+def test_vllm_generation_is_built_and_synced_where_the_cpu_engine_hooks_in():
+    """`CPUColocateVLLMGeneration` replaces TRL's `VLLMGeneration` by its module-level name while GRPOTrainer builds
+    it, swaps the `LLM` name that `_init_vllm` calls, and syncs through `_iter_named_params` (the real engine is
+    exercised by `make test-vllm`)."""
+    from trl.generation import vllm_generation
+    from trl.trainer import grpo_trainer
+
+    assert "self.vllm_generation = VLLMGeneration(" in inspect.getsource(grpo_trainer.GRPOTrainer.__init__)
+    assert grpo_trainer.VLLMGeneration is vllm_generation.VLLMGeneration
+    init_source = inspect.getsource(vllm_generation.VLLMGeneration._init_vllm)
+    assert "self.llm = LLM(" in init_source and "dtype" not in init_source  # TRL passes no dtype: vLLM picks one
+    assert "self.vllm_generation.sync_weights()" in inspect.getsource(grpo_trainer.GRPOTrainer)
+    assert inspect.isgeneratorfunction(vllm_generation.VLLMGeneration._iter_named_params)
+    assert issubclass(compat.CPUColocateVLLMGeneration, vllm_generation.VLLMGeneration)
+
+
+def test_server_mode_needs_cuda_as_trls_client_says():
+    from trl.generation.vllm_client import VLLMClient
+
+    assert 'device.type != "cuda"' in inspect.getsource(VLLMClient.init_communicator)
+    args = GRPOConfig(output_dir="unused", use_vllm=True, vllm_mode="server", **CPU)
+    assert "needs the trainer on a CUDA device" in compat.vllm_server_refusal(args)
+    assert compat.vllm_server_refusal(GRPOConfig(output_dir="unused", use_vllm=True, vllm_mode="colocate", **CPU)) is None
+
+
+def test_accelerate_builds_fsdp_only_from_a_gpu_like_state():
+    """The silent DDP that `fsdp_requested_but_not_built` catches: accelerate's switch to FSDP lists no MULTI_CPU."""
+    from accelerate.state import AcceleratorState
+
+    source = inspect.getsource(AcceleratorState.__init__)
+    switch = source[: source.index("self.distributed_type = DistributedType.FSDP")]
+    branch = switch[switch.rindex("elif self.distributed_type in ["):]
+    assert "DistributedType.MULTI_GPU" in branch and "MULTI_CPU" not in branch

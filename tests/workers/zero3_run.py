@@ -1,0 +1,45 @@
+"""Launched by test_zero3.py under `accelerate launch` with TRL's `zero3` preset on two CPU processes (DeepSpeed's CPU
+accelerator, gloo): one THR step with a batch quantile, and each rank saves its generation batch (before TRL's
+shuffle) with the THR weights it computed, and how the LM head was held while THR read it."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
+
+from helpers import length_reward, same_length_dataset  # noqa: E402
+from trainers import distributed_config  # noqa: E402
+
+from trl_thr import THRGRPOTrainer  # noqa: E402
+from trl_thr import _trl_compat as compat  # noqa: E402
+from trl_thr.cli.launch import end_processes  # noqa: E402
+
+
+def main(model_path, output_dir):
+    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
+                             train_dataset=same_length_dataset(model_path))
+    rank = trainer.accelerator.process_index
+    generate = trainer._generate_and_score_completions
+    head = compat.unwrapped_causal_lm(trainer).get_output_embeddings()
+
+    def record(inputs):
+        sharding = compat.lm_head_sharding(head.weight)
+        local_elements = head.weight.numel()  # ZeRO-3 leaves an empty placeholder outside its gather
+        batch = generate(inputs)
+        tensors = {k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)}
+        tensors["sharding"], tensors["local_elements"] = sharding, local_elements
+        torch.save(tensors, Path(output_dir) / f"batch-rank{rank}.pt")
+        return batch
+
+    trainer._generate_and_score_completions = record
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        torch.save(trainer.state.log_history, Path(output_dir) / "log_history.pt")
+    (Path(output_dir) / f"distributed-type-rank{rank}").write_text(str(trainer.accelerator.distributed_type))
+    end_processes(trainer)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
+
+from trl_thr.files import append_json_line  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPTS = [f"What is {a} times {b}? Think step by step, then give the answer." for a, b in
@@ -86,14 +87,6 @@ def train_one_arm(trainer_name: str, engine: str, steps: int, warmup: int, batch
     }
 
 
-def append_record(path: Path, record: dict) -> None:
-    """One JSON line per finished process, flushed and synced: a killed run loses only the process in flight."""
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def median_interval(values: list[float]) -> tuple[float, float, float]:
     """Median and a distribution-free ~95 % interval for it: the order statistics a sign test puts around the median
     (for n < 6 no such pair reaches 95 %, and the interval is the whole range)."""
@@ -105,9 +98,49 @@ def median_interval(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), low, high
 
 
+def capture_overhead(rounds: int, batch: int, max_completion_length: int, model: str) -> dict:
+    """Seconds of one `generate` of `batch` x `max_completion_length` forced tokens, plain and with THR's generation
+    capture recording it (the plain path's only addition to generation), alternating in one process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_thr.cli.models import resolve_model
+    from trl_thr.generation_capture import GenerationCapture
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    causal_lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS]
+    inputs = tokenizer((texts * batch)[:batch], return_tensors="pt", padding=True)
+    kwargs = dict(do_sample=True, max_new_tokens=max_completion_length, min_new_tokens=max_completion_length,
+                  temperature=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id)
+
+    def plain():
+        with torch.no_grad():
+            causal_lm.generate(**inputs, **kwargs)
+
+    def captured():
+        capture = GenerationCapture.from_model(causal_lm, temperature=1.0)
+        with torch.no_grad(), capture.recording():
+            causal_lm.generate(**inputs, **kwargs)
+
+    plain()  # warm-up
+    captured()
+    seconds = {"plain": [], "captured": []}
+    for _ in range(rounds):
+        for name, fn in (("plain", plain), ("captured", captured)):
+            seconds[name].append(measure.clocked(fn, torch.device("cpu"))[1])
+    ratios = [c / p for p, c in zip(seconds["plain"], seconds["captured"])]
+    median, low, high = median_interval(ratios)
+    return {"rounds": rounds, "seconds": seconds, "ratio_median": median, "ratio_ci95": [low, high],
+            "load": measure.load_averages()}
+
+
 def summarize(path: Path) -> dict:
     """Per engine: each arm's process medians, and THR / GRPO paired in running order."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    complete_lines = path.read_text().split("\n")[:-1]  # a line cut short by a kill has no newline yet
+    records = [json.loads(line) for line in complete_lines if line.strip()]
     report = {}
     for engine in sorted({r["engine"] for r in records}):
         arms = {name: [r for r in records if r["engine"] == engine and r["trainer"] == name] for name in ("grpo", "thr")}
@@ -132,6 +165,8 @@ def main():
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--pairs", type=int, help="run this many processes of each arm, alternating")
     parser.add_argument("--summarize", type=Path, help="summarize a records file and print it as JSON")
+    parser.add_argument("--capture_overhead", type=int, metavar="ROUNDS",
+                        help="time generate with and without THR's generation capture, alternating, ROUNDS times")
     parser.add_argument("--out", type=Path, default=Path("bench_cost.jsonl"), help="records, one JSON line a process")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per process")
@@ -143,10 +178,15 @@ def main():
     if args.summarize is not None:
         print(json.dumps(summarize(args.summarize), indent=2))
         return
+    if args.capture_overhead is not None:
+        result = capture_overhead(args.capture_overhead, args.batch, args.max_completion_length, args.model)
+        append_json_line(args.out, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=2))
+        return
     if args.trainer is not None:
         record = train_one_arm(args.trainer, args.engine, args.steps, args.warmup, args.batch, args.num_generations,
                                args.max_completion_length, args.model)
-        append_record(args.out, record)
+        append_json_line(args.out, record)  # a killed comparison loses only the process in flight
         return
     if args.pairs is None:
         parser.error("give --trainer (one process), --pairs (the alternating comparison) or --summarize")

@@ -57,6 +57,7 @@ __all__ = [
     "lm_head_sharding",
     "logit_transform_from_config",
     "token_level_ratio",
+    "trains_on_cpu",
     "trl_computes_old_logps",
     "unwrapped_causal_lm",
     "uses_fsdp1",
@@ -159,6 +160,11 @@ def uses_fsdp1(accelerator) -> bool:
     """Whether the run is wrapped by FSDP version 1, whose flat parameters are not `(V, d)` outside the forward."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     return plugin is not None and getattr(plugin, "fsdp_version", 1) == 1
+
+
+def trains_on_cpu(args) -> bool:
+    """Whether a run with these `TrainingArguments` trains on a CPU (asked, or no CUDA device to train on)."""
+    return args.use_cpu or not torch.cuda.is_available()
 
 
 def fsdp_needs_gpus(config: str = "The accelerate config") -> str:
@@ -284,7 +290,7 @@ def vllm_server_refusal(args) -> str | None:
     TRL syncs weights to the server over NCCL: `VLLMClient.init_communicator` raises for a trainer device other than
     CUDA, and only after waiting up to `vllm_server_timeout` seconds for the server.
     """
-    if args.use_vllm and args.vllm_mode == "server" and (args.use_cpu or not torch.cuda.is_available()):
+    if args.use_vllm and args.vllm_mode == "server" and trains_on_cpu(args):
         return ("vllm_mode='server' needs the trainer on a CUDA device: TRL 1.16 sends the weights to the server over "
                 "NCCL. On a CPU, set vllm_mode='colocate' (vLLM runs inside the training process).")
     return None

@@ -2,6 +2,7 @@
 
 Whoever reads such a file, even after the writer was killed mid-write, finds the old content or the new, never a
 part. Every record, summary, cache index and page that this package or its benchmarks write goes through here.
+Append-only logs (one JSON record per line) go through `append_json_line`: a kill can cut only the last line.
 """
 
 import json
@@ -25,3 +26,14 @@ def write_json_atomically(path: str | Path, data, *, indent: int = 1) -> None:
     """`data` as JSON at `path`, replaced atomically. Values JSON cannot hold (paths, dtypes) are written as their
     `str`; NaN and infinities as JSON's `NaN` and `Infinity`, which Python's `json` reads back."""
     write_text_atomically(path, json.dumps(data, indent=indent, default=str))
+
+
+def append_json_line(path: str | Path, record) -> None:
+    """Append `record` as one JSON line, in a single write, flushed to disk. A kill mid-write can cut only this line
+    short; a reader drops a last line without its newline (see `trl_thr.cli.evaluation.GenerationCache`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as handle:
+        handle.write((json.dumps(record) + "\n").encode())
+        handle.flush()
+        os.fsync(handle.fileno())

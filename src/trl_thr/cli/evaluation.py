@@ -3,12 +3,11 @@ generation and result files."""
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import write_json_atomically
+from ..files import append_json_line, write_json_atomically
 from ..metrics import pass_at_k
 from .answers import extract_final_answer, is_equivalent
 
@@ -130,12 +129,7 @@ class GenerationCache:
                 self.done[record["index"]] = record
 
     def add(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record) + "\n").encode()
-        with self.path.open("ab") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_json_line(self.path, record)
         self.done[record["index"]] = record
 
 

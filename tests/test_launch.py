@@ -182,10 +182,15 @@ def test_fsdp2_dtensor_lm_head_is_gathered(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "num_processes,expected",
-    [(2, ["wait_for_everyone", "end_training", "free_memory"]), (1, ["end_training"])],
+    "num_processes,distributed_type,expected",
+    [
+        (2, "MULTI_CPU", ["wait_for_everyone", "end_training", "free_memory"]),
+        # DeepSpeed's engine needs the group while it tears down: freed before the group goes (test_zero3.py runs it)
+        (2, "DEEPSPEED", ["wait_for_everyone", "free_memory", "end_training", "free_memory"]),
+        (1, "NO", ["end_training"]),
+    ],
 )
-def test_training_processes_leave_the_group_together_before_exit(num_processes, expected):
+def test_training_processes_leave_the_group_together_before_exit(num_processes, distributed_type, expected):
     """Every process waits for the others, destroys the group itself rather than at interpreter exit, and frees the
     DDP wrapper before the last handle on the group goes."""
     from trl_thr.cli.launch import end_processes
@@ -195,6 +200,7 @@ def test_training_processes_leave_the_group_together_before_exit(num_processes, 
     class Accelerator:
         def __init__(self):
             self.num_processes = num_processes
+            self.distributed_type = distributed_type
 
         def wait_for_everyone(self):
             calls.append("wait_for_everyone")

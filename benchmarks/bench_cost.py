@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,7 +101,8 @@ def median_interval(values: list[float]) -> tuple[float, float, float]:
 
 def capture_overhead(rounds: int, batch: int, max_completion_length: int, model: str) -> dict:
     """Seconds of one `generate` of `batch` x `max_completion_length` forced tokens, plain and with THR's generation
-    capture recording it (the plain path's only addition to generation), alternating in one process."""
+    capture recording it (the plain path's only addition to generation), alternating in one process; and the seconds
+    spent inside the capture's hooks during each captured `generate` (CPU only: no device to wait for)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,10 +122,16 @@ def capture_overhead(rounds: int, batch: int, max_completion_length: int, model:
         with torch.no_grad():
             causal_lm.generate(**inputs, **kwargs)
 
+    hook_seconds = []
+
     def captured():
         capture = GenerationCapture.from_model(causal_lm, temperature=1.0)
+        spent = {}
+        for name in ("_before_backbone", "_after_backbone", "_after_lm_head"):  # the hooks `recording` registers
+            setattr(capture, name, clocked_hook(getattr(capture, name), spent, name))
         with torch.no_grad(), capture.recording():
             causal_lm.generate(**inputs, **kwargs)
+        hook_seconds.append(spent)
 
     plain()  # warm-up
     captured()
@@ -134,7 +142,20 @@ def capture_overhead(rounds: int, batch: int, max_completion_length: int, model:
     ratios = [c / p for p, c in zip(seconds["plain"], seconds["captured"])]
     median, low, high = median_interval(ratios)
     return {"rounds": rounds, "seconds": seconds, "ratio_median": median, "ratio_ci95": [low, high],
-            "load": measure.load_averages()}
+            "hook_seconds": hook_seconds[1:], "load": measure.load_averages()}
+
+
+def clocked_hook(hook, spent: dict, name: str):
+    """`hook`, adding the seconds each call takes to `spent[name]` (CPU: the work is done when the call returns)."""
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+
+    return timed
 
 
 def summarize(path: Path) -> dict:

@@ -11,17 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import WORKERS, launch_two_processes, length_reward, same_length_dataset
-from trainers import distributed_config
-
-from trl_thr import THRGRPOTrainer
+from helpers import WORKERS, launch_two_processes
+from trainers import assert_two_processes_match_one
 
 HERE = Path(__file__).parent
-
-
-def pad_right(tensors, value=0):
-    width = max(t.size(1) for t in tensors)
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1)), value=value) for t in tensors])
 
 
 def test_two_processes_match_one(tiny_model_path, tmp_path):
@@ -30,24 +23,8 @@ def test_two_processes_match_one(tiny_model_path, tmp_path):
 
     ranks = [torch.load(tmp_path / f"batch-rank{rank}.pt") for rank in (0, 1)]
     assert all(r["prompt_ids"].shape == ranks[0]["prompt_ids"].shape for r in ranks)  # no prompt padding differences
-    batch = {key: torch.cat([r[key] for r in ranks]) for key in ("prompt_ids", "prompt_mask", "advantages")}
-    for key in ("completion_ids", "completion_mask", "thr_weights"):
-        batch[key] = pad_right([r[key] for r in ranks])
-    two_process_weights = batch.pop("thr_weights")
-
-    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
-                             args=distributed_config(str(tmp_path / "one")),
-                             train_dataset=same_length_dataset(tiny_model_path))
-    trainer.args.per_device_train_batch_size = 8  # one process holds what the two held
-    logps, hidden = trainer._old_policy_forward(batch)
-    thr = trainer._compute_thr(batch, hidden, logps, positive=None)
-    one_process_weights = trainer._thr_weights_and_metrics(batch, thr, None, thr_seconds=0.0, forward_seconds=0.0)
-
-    torch.testing.assert_close(one_process_weights, two_process_weights, rtol=1e-5, atol=1e-6)
-    kept = (two_process_weights > 0).float().mean()
-    assert 0 < kept < 1, "the batch quantile kept everything or nothing: the comparison would be trivial"
     logs = torch.load(tmp_path / "log_history.pt")
-    assert "thr/kept_frac" in logs[0]
+    assert_two_processes_match_one(tiny_model_path, tmp_path, ranks, [logs[0]])
     # the group's last owner is not DDP's reducer (see end_processes): the wrapper is freed on both ranks
     assert [(tmp_path / f"wrapper-freed-rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
 

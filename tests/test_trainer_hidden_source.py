@@ -7,7 +7,7 @@ from unittest.mock import patch
 import pytest
 import torch
 from helpers import CPU, length_reward, tiny_dataset
-from trainers import count_generation_forwards, make_config
+from trainers import count_generation_forwards, full_sequence_forwards, make_config
 from trl import GRPOConfig, GRPOTrainer
 
 import trl_thr.thr_grpo_trainer as thr_grpo_trainer
@@ -70,22 +70,6 @@ def test_recorded_states_give_the_forwards_thr(head, tiny_model_path, tmp_path):
     assert (thr_forward[mask] != 0).any()
     torch.testing.assert_close(thr_recorded, thr_forward, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recorded["thr_weights"], forward["thr_weights"])
-
-
-def full_sequence_forwards(trainer) -> int:
-    """Train and count backbone calls without a KV cache: TRL's log-prob forwards (generate decodes with one)."""
-    calls = []
-
-    def count(module, args, kwargs):
-        if kwargs.get("use_cache") is False:
-            calls.append(1)
-
-    handle = trainer.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-    return len(calls)
 
 
 def test_no_forward_beyond_grpos_on_the_generate_path(tiny_model_path, tmp_path):

@@ -82,3 +82,77 @@ class KernelRecorder:
             return thr
 
         self.patch = patch.object(trainer_module, "compute_thr", wrapper)
+
+
+def full_sequence_forwards(trainer) -> int:
+    """Train and count backbone calls without a KV cache: the log-prob forwards (generation decodes with a cache, or
+    runs in vLLM)."""
+    calls = []
+
+    def count(module, args, kwargs):
+        if kwargs.get("use_cache") is False:
+            calls.append(1)
+
+    handle = trainer.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def pad_right(tensors, value=0):
+    width = max(t.size(1) for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1)), value=value) for t in tensors])
+
+
+def assert_two_processes_match_one(model_path, output_dir, rank_batches, rank_metrics=()):
+    """The same check for every multi-process run: the ranks' generation batches (each with the `thr_weights` it
+    computed), put together, get the same weights from one process, and each rank's `thr/*` metrics (timings and
+    `thr/own_forward` aside) equal that one process's. The batch quantile must keep some tokens and drop others."""
+    from helpers import length_reward, same_length_dataset
+
+    from trl_thr import THRGRPOTrainer
+
+    batch = {key: torch.cat([r[key] for r in rank_batches]) for key in ("prompt_ids", "prompt_mask", "advantages")}
+    for key in ("completion_ids", "completion_mask", "thr_weights"):
+        batch[key] = pad_right([r[key] for r in rank_batches])
+    two_process_weights = batch.pop("thr_weights")
+
+    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward,
+                             args=distributed_config(str(output_dir / "one")),
+                             train_dataset=same_length_dataset(model_path))
+    trainer.args.per_device_train_batch_size = 8  # one process holds what the two held
+    trainer.model.train()
+    logps, hidden = trainer._old_policy_forward(batch)
+    thr = trainer._compute_thr(batch, hidden, logps, positive=None)
+    one_process_weights = trainer._thr_weights_and_metrics(batch, thr, None, thr_seconds=0.0, forward_seconds=0.0)
+
+    torch.testing.assert_close(one_process_weights, two_process_weights, rtol=1e-5, atol=1e-6)
+    kept = (two_process_weights > 0).float().mean()
+    assert 0 < kept < 1, "the batch quantile kept everything or nothing: the comparison would be trivial"
+    one_process_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("thr/")}
+    for metrics in rank_metrics:
+        compared = {k: v for k, v in metrics.items() if k.startswith("thr/") and "seconds" not in k
+                    and k != "thr/own_forward"}
+        assert compared, "no thr/* metrics were logged"
+        for key, value in compared.items():
+            assert abs(value - one_process_metrics[key]) <= 1e-5 * max(1.0, abs(value)), key
+
+
+def save_generation_batches(trainer, output_dir, extra=dict):
+    """Make `trainer` save each generation batch it makes (tensors, before TRL's shuffle, with the THR weights) to
+    `output_dir/batch-rank{rank}.pt`, with what `extra()` returns, taken just before the batch was made."""
+    from pathlib import Path
+
+    generate = trainer._generate_and_score_completions
+    rank = trainer.accelerator.process_index
+
+    def record(inputs):
+        before = extra()
+        batch = generate(inputs)
+        tensors = {k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)}
+        torch.save({**tensors, **before}, Path(output_dir) / f"batch-rank{rank}.pt")
+        return batch
+
+    trainer._generate_and_score_completions = record

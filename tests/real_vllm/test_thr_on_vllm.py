@@ -7,7 +7,7 @@ import pytest
 import torch
 from colocate import colocate_trainer
 from helpers import same_length_dataset
-from trainers import KernelRecorder
+from trainers import KernelRecorder, full_sequence_forwards
 from transformers import AutoModelForCausalLM
 
 from trl_thr.thr import compute_thr
@@ -41,22 +41,6 @@ def test_thr_of_a_vllm_batch_equals_a_float64_forwards(correction, vllm_model_pa
     scale = expected.abs().max().item()
     torch.testing.assert_close(thr.double(), expected, rtol=1e-4, atol=1e-5 * scale)
     assert trainer._metrics["train"].get("thr/own_forward", []) == ([] if correction else [1.0])
-
-
-def full_sequence_forwards(trainer) -> int:
-    """Train and count backbone calls without a KV cache: the trainer's log-prob forwards (vLLM generates)."""
-    calls = []
-
-    def count(module, args, kwargs):
-        if kwargs.get("use_cache") is False:
-            calls.append(1)
-
-    handle = trainer.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-    return len(calls)
 
 
 @pytest.mark.parametrize("correction", [True, False])

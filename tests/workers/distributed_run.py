@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
 from helpers import length_reward, same_length_dataset  # noqa: E402
-from trainers import distributed_config  # noqa: E402
+from trainers import distributed_config, save_generation_batches  # noqa: E402
 
 from trl_thr import THRGRPOTrainer  # noqa: E402
 from trl_thr.cli.launch import end_processes  # noqa: E402
@@ -19,15 +19,7 @@ from trl_thr.cli.launch import end_processes  # noqa: E402
 def main(model_path, output_dir):
     trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
                              train_dataset=same_length_dataset(model_path))
-    generate = trainer._generate_and_score_completions
-
-    def record(inputs):
-        batch = generate(inputs)
-        tensors = {k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)}
-        torch.save(tensors, Path(output_dir) / f"batch-rank{trainer.accelerator.process_index}.pt")
-        return batch
-
-    trainer._generate_and_score_completions = record
+    save_generation_batches(trainer, output_dir)
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save(trainer.state.log_history, Path(output_dir) / "log_history.pt")

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
 from helpers import length_reward, same_length_dataset  # noqa: E402
-from trainers import distributed_config  # noqa: E402
+from trainers import distributed_config, save_generation_batches  # noqa: E402
 
 from trl_thr import THRGRPOTrainer  # noqa: E402
 from trl_thr import _trl_compat as compat  # noqa: E402
@@ -21,19 +21,10 @@ def main(model_path, output_dir):
     trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
                              train_dataset=same_length_dataset(model_path))
     rank = trainer.accelerator.process_index
-    generate = trainer._generate_and_score_completions
     head = compat.unwrapped_causal_lm(trainer).get_output_embeddings()
-
-    def record(inputs):
-        sharding = compat.lm_head_sharding(head.weight)
-        local_elements = head.weight.numel()  # ZeRO-3 leaves an empty placeholder outside its gather
-        batch = generate(inputs)
-        tensors = {k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)}
-        tensors["sharding"], tensors["local_elements"] = sharding, local_elements
-        torch.save(tensors, Path(output_dir) / f"batch-rank{rank}.pt")
-        return batch
-
-    trainer._generate_and_score_completions = record
+    # ZeRO-3 leaves an empty placeholder outside its gather
+    save_generation_batches(trainer, output_dir, lambda: {"sharding": compat.lm_head_sharding(head.weight),
+                                                          "local_elements": head.weight.numel()})
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save(trainer.state.log_history, Path(output_dir) / "log_history.pt")

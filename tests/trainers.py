@@ -26,6 +26,16 @@ def distributed_config(output_dir):
     )
 
 
+def distributed_trainer(model_path, output_dir):
+    """The THRGRPOTrainer the multi-process workers train: `distributed_config` on same-length prompts."""
+    from helpers import length_reward, same_length_dataset
+
+    from trl_thr import THRGRPOTrainer
+
+    return THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
+                          train_dataset=same_length_dataset(model_path))
+
+
 def snapshot(model):
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
@@ -110,18 +120,12 @@ def assert_two_processes_match_one(model_path, output_dir, rank_batches, rank_me
     """The same check for every multi-process run: the ranks' generation batches (each with the `thr_weights` it
     computed), put together, get the same weights from one process, and each rank's `thr/*` metrics (timings and
     `thr/own_forward` aside) equal that one process's. The batch quantile must keep some tokens and drop others."""
-    from helpers import length_reward, same_length_dataset
-
-    from trl_thr import THRGRPOTrainer
-
     batch = {key: torch.cat([r[key] for r in rank_batches]) for key in ("prompt_ids", "prompt_mask", "advantages")}
     for key in ("completion_ids", "completion_mask", "thr_weights"):
         batch[key] = pad_right([r[key] for r in rank_batches])
     two_process_weights = batch.pop("thr_weights")
 
-    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward,
-                             args=distributed_config(str(output_dir / "one")),
-                             train_dataset=same_length_dataset(model_path))
+    trainer = distributed_trainer(model_path, str(output_dir / "one"))
     trainer.args.per_device_train_batch_size = 8  # one process holds what the two held
     trainer.model.train()
     logps, hidden = trainer._old_policy_forward(batch)

@@ -9,16 +9,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
-from helpers import length_reward, same_length_dataset  # noqa: E402
-from trainers import distributed_config, save_generation_batches  # noqa: E402
+from trainers import distributed_trainer, save_generation_batches  # noqa: E402
 
-from trl_thr import THRGRPOTrainer  # noqa: E402
 from trl_thr.cli.launch import end_processes  # noqa: E402
 
 
 def main(model_path, output_dir):
-    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
-                             train_dataset=same_length_dataset(model_path))
+    trainer = distributed_trainer(model_path, output_dir)
     save_generation_batches(trainer, output_dir)
     trainer.train()
     if trainer.accelerator.is_main_process:

@@ -15,19 +15,16 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
-from helpers import length_reward, same_length_dataset  # noqa: E402
-from trainers import distributed_config  # noqa: E402
+from trainers import distributed_trainer  # noqa: E402
 
-from trl_thr import THRGRPOTrainer  # noqa: E402
 from trl_thr.cli.launch import end_processes  # noqa: E402
 
 PROMPTS_PER_RANK = 2
 
 
 def main(model_path, output_dir):
-    dataset = same_length_dataset(model_path)
-    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
-                             train_dataset=dataset)
+    trainer = distributed_trainer(model_path, output_dir)
+    dataset = trainer.train_dataset
     accelerator = trainer.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     mesh = init_device_mesh("cpu", (world,))

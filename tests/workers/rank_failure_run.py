@@ -6,17 +6,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
-from helpers import length_reward, same_length_dataset  # noqa: E402
-from trainers import distributed_config  # noqa: E402
+from trainers import distributed_trainer  # noqa: E402
 
 import trl_thr.thr_grpo_trainer as thr_grpo_trainer  # noqa: E402
-from trl_thr import THRGRPOTrainer  # noqa: E402
 from trl_thr.cli.launch import end_processes  # noqa: E402
 
 
 def main(model_path, output_dir):
-    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
-                             train_dataset=same_length_dataset(model_path))
+    trainer = distributed_trainer(model_path, output_dir)
     rank = trainer.accelerator.process_index
     if rank == 1:
         def out_of_memory(*args, **kwargs):

@@ -9,17 +9,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 
-from helpers import length_reward, same_length_dataset  # noqa: E402
-from trainers import distributed_config, save_generation_batches  # noqa: E402
+from trainers import distributed_trainer, save_generation_batches  # noqa: E402
 
-from trl_thr import THRGRPOTrainer  # noqa: E402
 from trl_thr import _trl_compat as compat  # noqa: E402
 from trl_thr.cli.launch import end_processes  # noqa: E402
 
 
 def main(model_path, output_dir):
-    trainer = THRGRPOTrainer(model=model_path, reward_funcs=length_reward, args=distributed_config(output_dir),
-                             train_dataset=same_length_dataset(model_path))
+    trainer = distributed_trainer(model_path, output_dir)
     rank = trainer.accelerator.process_index
     head = compat.unwrapped_causal_lm(trainer).get_output_embeddings()
     # ZeRO-3 leaves an empty placeholder outside its gather

@@ -78,7 +78,7 @@ def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
                          max_completion_length=8, max_steps=1, seed=0, use_vllm=True, vllm_mode="server",
                          vllm_importance_sampling_correction=correction, **CPU)
     with (patch("trl.trainer.grpo_trainer.VLLMGeneration", FakeVLLMServerGeneration),
-          patch("trl_thr._trl_compat.vllm_server_refusal", return_value=None)):
+          patch("trl_thr._trl_compat.vllm_refusal", return_value=None)):
         trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args,
                                  train_dataset=tiny_dataset())
     recorder = KernelRecorder()

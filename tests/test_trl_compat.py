@@ -205,8 +205,8 @@ def test_server_mode_needs_cuda_as_trls_client_says():
 
     assert 'device.type != "cuda"' in inspect.getsource(VLLMClient.init_communicator)
     args = GRPOConfig(output_dir="unused", use_vllm=True, vllm_mode="server", **CPU)
-    assert "needs the trainer on a CUDA device" in compat.vllm_server_refusal(args)
-    assert compat.vllm_server_refusal(GRPOConfig(output_dir="unused", use_vllm=True, vllm_mode="colocate", **CPU)) is None
+    assert "needs the trainer on a CUDA device" in compat.vllm_refusal(args)
+    assert compat.vllm_refusal(GRPOConfig(output_dir="unused", use_vllm=True, vllm_mode="colocate", **CPU)) is None
 
 
 def test_accelerate_builds_fsdp_only_from_a_gpu_like_state():

@@ -63,7 +63,7 @@ __all__ = [
     "uses_fsdp1",
     "vllm_generation_for_platform",
     "vllm_runs_on_cpu",
-    "vllm_server_refusal",
+    "vllm_refusal",
 ]
 
 
@@ -284,15 +284,19 @@ def vllm_runs_on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def vllm_server_refusal(args) -> str | None:
-    """Why TRL 1.16's vLLM server mode cannot run with `args` (a `GRPOConfig`), or `None` if it can.
+def vllm_refusal(args) -> str | None:
+    """Why TRL 1.16's vLLM cannot run with `args` (a `GRPOConfig`) here, or `None` if it can.
 
-    TRL syncs weights to the server over NCCL: `VLLMClient.init_communicator` raises for a trainer device other than
-    CUDA, and only after waiting up to `vllm_server_timeout` seconds for the server.
+    - Server mode needs the trainer on CUDA: TRL syncs weights to the server over NCCL, and
+      `VLLMClient.init_communicator` raises for another device, only after waiting up to `vllm_server_timeout`
+      seconds for the server.
+    - vLLM's CPU platform has no sleep mode: vLLM would refuse it only after the trainer has loaded the model.
     """
     if args.use_vllm and args.vllm_mode == "server" and trains_on_cpu(args):
         return ("vllm_mode='server' needs the trainer on a CUDA device: TRL 1.16 sends the weights to the server over "
                 "NCCL. On a CPU, set vllm_mode='colocate' (vLLM runs inside the training process).")
+    if args.use_vllm and args.vllm_mode == "colocate" and args.vllm_enable_sleep_mode and vllm_runs_on_cpu():
+        return "vllm_enable_sleep_mode=True: vLLM's CPU platform has no sleep mode. Set it to False."
     return None
 
 

@@ -166,7 +166,7 @@ class THRGRPOTrainer(GRPOTrainer):
                 f"THRGRPOTrainer needs a THRGRPOConfig, got {type(args).__name__}. Build one with the same arguments "
                 "(THRGRPOConfig accepts every GRPOConfig field) and set thr_strategy."
             )
-        refusal = compat.vllm_server_refusal(args)
+        refusal = compat.vllm_refusal(args)
         if refusal is not None:
             raise ValueError(refusal)
         with compat.vllm_generation_for_platform(args):

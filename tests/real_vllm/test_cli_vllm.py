@@ -1,5 +1,5 @@
-"""`trl-thr train --use_vllm true` on a CPU: colocate trains (the builtin tiny model in a shape vLLM runs), server
-mode is refused in one line before anything loads."""
+"""`trl-thr train --use_vllm true` on a CPU: colocate trains (the builtin tiny model in a shape vLLM runs); server
+mode and sleep mode are refused in one line before anything loads."""
 
 import json
 import os
@@ -38,3 +38,12 @@ def test_server_mode_on_cpu_is_refused_in_one_line(tmp_path):
                      "weights to the server over NCCL. On a CPU, set vllm_mode='colocate' (vLLM runs inside the "
                      "training process)."]
     assert not (tmp_path / "cache" / "models").exists()  # refused before any model was built or loaded
+
+
+def test_sleep_mode_on_cpu_is_refused_in_one_line(tmp_path):
+    result = run_cli(["train", "--config", TINY, "--output_dir", str(tmp_path / "run"), "--use_vllm", "true",
+                      "--vllm_enable_sleep_mode", "true"], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("trl-thr ")]
+    assert lines == ["trl-thr train: error: vllm_enable_sleep_mode=True: vLLM's CPU platform has no sleep mode. Set "
+                     "it to False."]

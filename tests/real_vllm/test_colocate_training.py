@@ -39,3 +39,11 @@ def test_thr_none_is_grpo_on_vllm(vllm_model_path, tmp_path):
     assert any(loss != 0 for loss in runs["grpo"][0])
     for name, param in runs["grpo"][1].items():
         assert torch.equal(param, runs["none"][1][name]), name
+
+
+def test_sleep_mode_is_refused_before_the_model_loads(vllm_model_path, tmp_path):
+    from unittest.mock import patch
+
+    with (patch("trl.trainer.grpo_trainer.VLLMGeneration", side_effect=AssertionError("an engine was built")),
+          pytest.raises(ValueError, match="vllm_enable_sleep_mode=True: vLLM's CPU platform has no sleep mode")):
+        colocate_trainer(vllm_model_path, tmp_path, vllm_enable_sleep_mode=True)

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None):
     import torch
     from trl.import_utils import is_vllm_available
 
-    from trl_thr._trl_compat import fsdp_needs_gpus, trains_on_cpu, vllm_server_refusal
+    from trl_thr._trl_compat import fsdp_needs_gpus, trains_on_cpu, vllm_refusal
     from trl_thr.cli.models import resolve_model
 
     argv = sys.argv[1:] if argv is None else argv
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None):
     check_choices(training_args)
     if training_args.use_vllm and not is_vllm_available():
         raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
-    if (refusal := vllm_server_refusal(training_args)) is not None:
+    if (refusal := vllm_refusal(training_args)) is not None:
         raise UsageError(refusal)
     if launch_args.accelerate_config is not None and trains_on_cpu(training_args):
         try:

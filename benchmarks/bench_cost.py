@@ -95,8 +95,7 @@ def median_interval(values: list[float]) -> tuple[float, float, float]:
     k = 0  # largest k with P(Binomial(n, 1/2) <= k) <= 0.025
     while sum(math.comb(n, i) for i in range(k + 2)) / 2**n <= 0.025:
         k += 1
-    low, high = (ordered[k], ordered[n - 1 - k]) if n >= 6 else (ordered[0], ordered[-1])
-    return statistics.median(ordered), low, high
+    return statistics.median(ordered), ordered[k], ordered[n - 1 - k]
 
 
 def capture_overhead(rounds: int, batch: int, max_completion_length: int, model: str) -> dict:

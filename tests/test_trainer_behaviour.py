@@ -569,3 +569,55 @@ def test_unknown_positive_reward_func(tiny_model_path, tmp_path):
     args = make_config(tmp_path, thr_positive_reward_threshold=1.0, thr_positive_reward_func="accuracy")
     with pytest.raises(ValueError, match="thr_positive_reward_func='accuracy' is not one of"):
         THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+
+
+def direct_entropy_overlap(path, inputs, dominant, active, temperature):
+    """`thr/entropy_overlap` by its definition, from a float64 forward of its own: of the dominant tokens, the share
+    whose sampling entropy is at least the 0.8 quantile of the active tokens' entropies."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    prompt_length = inputs["prompt_ids"].size(1)
+    with torch.no_grad():
+        logits = model(torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)).logits
+    logps = torch.log_softmax(logits[:, prompt_length - 1 : -1] / temperature, -1)
+    entropies = -(logps.exp() * logps).sum(-1)  # (B, T)
+    threshold = torch.quantile(entropies[active], 0.8)
+    high = (entropies >= threshold) & active
+    return (dominant & high).sum().item() / dominant.sum().item(), high
+
+
+@pytest.mark.parametrize("level", ["token", "sequence_token"])
+def test_entropy_overlap_equals_a_direct_computation(level, tiny_variant_path, tmp_path):
+    path = tiny_variant_path("qwen2-untied")
+    trainer = float64_trainer(path, tmp_path, temperature=0.7, importance_sampling_level=level)
+    trainer.model.train()  # TRL logs a training forward's metrics under "train"
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = float64_inputs(path)
+    active = inputs["completion_mask"].bool().clone()
+    active[1] = False  # a group THR does not apply to: its tokens take no part in the quantile
+    dominant = torch.zeros_like(active)
+    dominant[0, :5] = dominant[2, 1:4] = dominant[3, 1] = True
+    expected, high = direct_entropy_overlap(path, inputs, dominant, active, temperature=0.7)
+    # The batch tells the rule from near misses: the quantile over every counted token, or at temperature 1.
+    assert 0 < expected < 1
+    assert direct_entropy_overlap(path, inputs, dominant, inputs["completion_mask"].bool(), 0.7)[0] != expected
+    assert direct_entropy_overlap(path, inputs, dominant, active, temperature=1.0)[0] != expected
+
+    trainer._compute_loss(trainer.model, {**inputs, "thr_dominant": dominant, "thr_active": active})
+    assert trainer._metrics["train"]["thr/entropy_overlap"] == [pytest.approx(expected, rel=1e-9)]
+    assert trainer._entropy_overlap_masks is None  # disarmed: no later forward is measured
+
+    # Without dominant tokens there is nothing to measure: no value rather than 0.
+    trainer._compute_loss(trainer.model, {**inputs, "thr_dominant": torch.zeros_like(active), "thr_active": active})
+    assert len(trainer._metrics["train"]["thr/entropy_overlap"]) == 1
+
+
+def test_entropy_overlap_is_logged_by_thr_runs_only(tiny_model_path, tmp_path):
+    for strategy, logged in (("dominant-only", True), ("none", False)):
+        trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward,
+                                 args=make_config(tmp_path / strategy, thr_strategy=strategy, max_steps=1),
+                                 train_dataset=tiny_dataset())
+        trainer.train()
+        history = trainer.state.log_history[0]
+        assert ("thr/entropy_overlap" in history) is logged, strategy
+        if logged:
+            assert 0 <= history["thr/entropy_overlap"] <= 1

@@ -217,3 +217,22 @@ def test_accelerate_builds_fsdp_only_from_a_gpu_like_state():
     switch = source[: source.index("self.distributed_type = DistributedType.FSDP")]
     branch = switch[switch.rindex("elif self.distributed_type in ["):]
     assert "DistributedType.MULTI_GPU" in branch and "MULTI_CPU" not in branch
+
+
+def test_high_entropy_tokens_is_trls_top_entropy_quantile_rule():
+    """`thr/entropy_overlap` reads TRL's `get_high_entropy_mask(entropies, mask, threshold)`: the threshold is the
+    quantile (`1 - top_entropy_quantile`), tokens at or above it are kept, masked tokens never."""
+    from types import SimpleNamespace
+
+    from trl_thr._trl_compat import high_entropy_tokens
+
+    assert list(inspect.signature(GRPOTrainer.get_high_entropy_mask).parameters) == [
+        "self", "entropies", "mask", "threshold"]
+    identity = SimpleNamespace(pad_across_processes=lambda t, dim, pad_index: t, gather=lambda t: t)
+    trainer = SimpleNamespace(accelerator=identity)
+    trainer.get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask.__get__(trainer)
+    entropies = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5], [0.6, 0.7, 0.8, 0.9, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    # 9 masked-in values 0.1..0.9: the 0.8 quantile is 0.74, so 0.8 and 0.9 are the top 20 %.
+    expected = torch.tensor([[False] * 5, [False, False, True, True, False]])
+    assert torch.equal(high_entropy_tokens(trainer, entropies, mask, 0.2), expected)

@@ -50,6 +50,7 @@ __all__ = [
     "completion_trackers",
     "disable_gradient_checkpointing",
     "forward_kwargs",
+    "high_entropy_tokens",
     "fsdp_needs_gpus",
     "fsdp_requested_but_not_built",
     "full_lm_head",
@@ -235,6 +236,14 @@ def token_level_ratio(trainer: GRPOTrainer, on_logps):
     finally:
         del trainer._get_per_token_logps_and_entropies
         trainer.importance_sampling_level = level
+
+
+def high_entropy_tokens(trainer: GRPOTrainer, entropies: torch.Tensor, mask: torch.Tensor,
+                        top_fraction: float) -> torch.Tensor:
+    """`(B, T)` bool: the `top_fraction` of the tokens in `mask` with the highest entropy, by TRL's own rule for
+    `top_entropy_quantile` (`GRPOTrainer.get_high_entropy_mask`: one quantile over every process's masked tokens,
+    `>=` the threshold). A collective: every process calls it together."""
+    return trainer.get_high_entropy_mask(entropies, mask, 1 - top_fraction)
 
 
 def completion_trackers(trainer: GRPOTrainer) -> list:

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 # While no generation batch carries a learning signal, the warning is repeated every this many batches.
 NO_SIGNAL_WARNING_EVERY = 10
 
+# `thr/entropy_overlap` compares THR's dominant tokens with this top fraction of the active tokens by entropy: the
+# fraction TRL's `top_entropy_quantile` mask is used at in its reference (arXiv 2506.01939, the "80/20" mask).
+ENTROPY_OVERLAP_TOP_FRACTION = 0.2
+
 THR_TITLE = "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning"
 
 
@@ -196,6 +200,9 @@ class THRGRPOTrainer(GRPOTrainer):
         self._old_policy_capture: compat.BackboneCapture | None = None
         # Generation batches in a row without any learning signal, for `_watch_learning_signal`'s warning.
         self._no_signal_streak = 0
+        # Armed only while `_compute_loss` runs TRL's loss: THR's `(dominant, active)` `(B, T)` masks of the
+        # micro-batch, for `thr/entropy_overlap` on the entropies of that loss's forward.
+        self._entropy_overlap_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -234,7 +241,11 @@ class THRGRPOTrainer(GRPOTrainer):
         # THR is done with the (B, T, d) states (the gathered LM head went when _compute_thr returned): free them now,
         # before the thresholds' and the metrics' collectives, rather than at the end of the batch.
         del states
-        weights = self._thr_weights_and_metrics(batch, thr, positive, self._seconds_since(start), forward_seconds)
+        weights, record = self._thr_weights_and_metrics(batch, thr, positive, self._seconds_since(start),
+                                                        forward_seconds)
+        # For `thr/entropy_overlap`, measured in the loss forward on TRL's own entropies (`_compute_loss`): the
+        # masks travel with the batch, split into micro-batches along with the advantages.
+        batch["thr_dominant"], batch["thr_active"] = record.dominant, record.active_tokens
         # Weight 1 on every counted token is GRPO's update: TRL keeps its (B,) advantages, so the run is GRPO's bit for
         # bit (multiplying by ones reorders some loss types' sums). One check per generation batch.
         if not torch.equal(weights, _counted_tokens(batch).to(weights.dtype)):
@@ -302,6 +313,13 @@ class THRGRPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        overlap_masks, self._entropy_overlap_masks = self._entropy_overlap_masks, None
+        if overlap_masks is not None:  # armed by `_compute_loss` for its training forward, which has entropies
+            outputs = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+            self._log_entropy_overlap(outputs[1], *overlap_masks)
+            return outputs
         capture = self._old_policy_capture
         if capture is None or model is not self.model:
             return super()._get_per_token_logps_and_entropies(
@@ -317,12 +335,20 @@ class THRGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         inputs = dict(inputs)  # the buffered batch is reused across iterations: never mutate it
         weights = inputs.pop("thr_weights", None)
+        dominant, active = inputs.pop("thr_dominant", None), inputs.pop("thr_active", None)
         if weights is not None:
             advantages = inputs["advantages"]
             inputs["advantages"] = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * weights
-        if self.args.importance_sampling_level != "sequence_token":
-            return super()._compute_loss(model, inputs)
+        if dominant is not None:  # every process has them or none: THR runs on every process
+            self._entropy_overlap_masks = (dominant, active)
+        try:
+            if self.args.importance_sampling_level != "sequence_token":
+                return super()._compute_loss(model, inputs)
+            return self._gspo_token_loss(model, inputs)
+        finally:
+            self._entropy_overlap_masks = None
 
+    def _gspo_token_loss(self, model, inputs):
         # GSPO-token (see `gspo_token.py`): TRL's token-level ratio with old log-probs that turn it into
         # sg[s_i] * pi / sg[pi]. They depend on the training forward's log-probs, so they are set right after it.
         mask = _counted_tokens(inputs)
@@ -466,8 +492,9 @@ class THRGRPOTrainer(GRPOTrainer):
         return thr
 
     def _thr_weights_and_metrics(self, batch: dict, thr: torch.Tensor, positive: torch.Tensor | None,
-                                 thr_seconds: float, forward_seconds: float) -> torch.Tensor:
-        """Per-token weights `(B, T)` from the batch's THR, with the `thr/*` metrics and completions columns."""
+                                 thr_seconds: float, forward_seconds: float) -> tuple[torch.Tensor, THRBatch]:
+        """Per-token weights `(B, T)` from the batch's THR and the batch's record, with the `thr/*` metrics and
+        completions columns."""
         start = time.perf_counter()
         mode, num_generations = self._thr_group_size()
         advantages, counted = batch["advantages"], _counted_tokens(batch)
@@ -478,7 +505,7 @@ class THRGRPOTrainer(GRPOTrainer):
         self._log_thr_metrics(mode, record, thr_seconds + self._seconds_since(start), forward_seconds)
         if self.log_completions:
             self._log_thr_completions(batch, record)
-        return weights
+        return weights, record
 
     def _log_thr_completions(self, batch: dict, record: THRBatch) -> None:
         """THR columns in TRL's completions table, and this process's first THR group as a heatmap."""
@@ -558,6 +585,20 @@ class THRGRPOTrainer(GRPOTrainer):
             "out-of-memory error, lower thr_block_elements or per_device_train_batch_size."
         )
         raise THRComputationError(message) from error
+
+    def _log_entropy_overlap(self, entropies: torch.Tensor, dominant: torch.Tensor, active: torch.Tensor) -> None:
+        """`thr/entropy_overlap`: of a micro-batch's dominant tokens (all processes), the share that are also among the
+        top `ENTROPY_OVERLAP_TOP_FRACTION` of its active tokens by entropy, by TRL's `top_entropy_quantile` rule.
+
+        `entropies` `(B, T)` are those TRL's loss forward computed (no forward of its own); `active` `(B, T)`: the
+        counted tokens of groups THR applies to; `dominant` `(B, T)`: those above their group's threshold.
+        """
+        high_entropy = compat.high_entropy_tokens(self, entropies.detach(), active, ENTROPY_OVERLAP_TOP_FRACTION)
+        local = torch.stack([(dominant & high_entropy).sum(), dominant.sum()]).double()
+        both, dominant_count = self.accelerator.reduce(local, reduction="sum").tolist()
+        if dominant_count > 0:  # a micro-batch without dominant tokens has no overlap to measure
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["thr/entropy_overlap"].append(both / dominant_count)
 
     def _log_thr_metrics(self, mode: str, record: THRBatch, seconds: float, forward_seconds: float) -> None:
         """The `thr/*` metrics of one generation batch, summed over processes before the ratios are taken."""

@@ -3,6 +3,7 @@
     trl-thr train   [--config run.yaml] [--field value ...]   # no arguments: a short CPU demo
     trl-thr eval    --model_name_or_path ... --benchmark ...
     trl-thr analyze --model_name_or_path ... --dataset_name ...
+    trl-thr study   --config study.yaml --output_dir DIR      # arms over paired seeds, with intervals
 
 Each subcommand parses its own arguments with TRL's `TrlParser`: `--config` YAML files, CLI flags that override
 them, and `--help` listing every field.
@@ -20,6 +21,7 @@ COMMANDS = {
     "train": ("trl_thr.cli.commands.train", "Train with THRGRPOTrainer (no arguments: a short offline CPU demo)."),
     "eval": ("trl_thr.cli.commands.eval", "Greedy accuracy and unbiased Pass@K of a model on a math benchmark."),
     "analyze": ("trl_thr.cli.commands.analyze", "Sample groups, compute THR per token, and write a report."),
+    "study": ("trl_thr.cli.commands.study", "Train and evaluate arms over paired seeds, and compare them."),
 }
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 

@@ -34,6 +34,8 @@ TINY_STUDY = ROOT / "examples" / "configs" / "study_tiny.yaml"
         ("entropy20=thr_strategy:none,top_entropy_quantile:0.2", "entropy20",
          {"thr_strategy": "none", "top_entropy_quantile": 0.2}),
         ("amplify:0.5=max_grad_norm:0", "amplify:0.5", {"thr_strategy": "amplify", "thr_p": 0.5, "max_grad_norm": 0}),
+        ("amplify:0.5-noclip=thr_strategy:amplify,thr_p:0.5", "amplify:0.5-noclip",
+         {"thr_strategy": "amplify", "thr_p": 0.5}),
     ],
 )
 def test_arms_and_the_fields_they_set(spec, name, overrides):

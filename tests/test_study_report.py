@@ -37,7 +37,8 @@ def record(arm, seed, greedy, max_grad_norm=1.0):
 
 def write_study(root: Path, records, seeds=(0, 1, 2), reference="grpo"):
     (root / "records").mkdir(parents=True)
-    design = {"train": {}, "arms": ARMS, "evals": {"": {}}, "prepare": None, "reference_arm": reference}
+    design = {"train": {}, "arms": ARMS, "evals": {"": {}}, "prepare": None, "reference_arm": reference,
+              "contrasts": [["amplify:0.5", "amplify:-0.5"]]}
     (root / "study.json").write_text(json.dumps({"design": design, "seeds": list(seeds)}))
     for r in records:
         (root / "records" / f"{run_name(r['arm'], r['seed'])}.json").write_text(json.dumps(r))
@@ -79,6 +80,9 @@ def test_paired_differences_with_the_reference_by_hand(tmp_path):
     assert entropy20["ci95"] == pytest.approx(4.30265 * 0.05 / math.sqrt(3), rel=1e-5)
     assert entropy20["mde80"] == pytest.approx((4.30265 + 1.06066) * 0.05 / math.sqrt(3), rel=1e-5)
     assert "grpo" not in result["vs_grpo"]
+    # A contrast between two arms: amplify:0.5 - amplify:-0.5 = 0.20, 0.10, 0.10
+    contrast = result["contrasts"]["amplify:0.5 - amplify:-0.5"]["greedy_accuracy"]
+    assert contrast["values"] == pytest.approx([0.2, 0.1, 0.1]) and contrast["seeds"] == [0, 1, 2]
 
 
 def test_slopes_on_p_by_hand(tmp_path):

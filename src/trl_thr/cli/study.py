@@ -58,9 +58,10 @@ class Arm:
     overrides: dict = field(default_factory=dict)
 
 
-def named_arm_overrides(name: str) -> dict | None:
+def named_arm_overrides(name: str, label_only: bool = False) -> dict | None:
     """The fields a named arm sets: `grpo` is `thr_strategy: none`; a `thr_strategy` sets it; `strategy:p` also
-    sets `thr_p` (strategies that read p only). `None` for a name that is none of these."""
+    sets `thr_p` (strategies that read p only). `None` for a name that is none of these; with `label_only` (the arm
+    gives its fields), also for `strategy:<not a number>`, e.g. `amplify:0.5-noclip`."""
     from ..thr import STRATEGIES, STRATEGIES_USING_P
 
     strategy, colon, written_p = name.partition(":")
@@ -69,6 +70,11 @@ def named_arm_overrides(name: str) -> dict | None:
         return None
     if not colon:
         return {"thr_strategy": strategy}
+    if label_only:
+        try:
+            float(written_p)
+        except ValueError:
+            return None
     if strategy not in STRATEGIES_USING_P:
         raise UsageError(f"arm {name!r}: thr_strategy {strategy!r} does not use p; write it without ':p' (strategies "
                          f"with p: {', '.join(STRATEGIES_USING_P)}).")
@@ -104,7 +110,7 @@ def parse_arm(spec, overrides: dict | None = None) -> Arm:
     given = dict(overrides or {})
     if equals:
         given.update(parse_override_list(label, written))
-    implied = named_arm_overrides(label)
+    implied = named_arm_overrides(label, label_only=bool(given))
     if implied is None and not given:
         raise UsageError(f"unknown arm {label!r}: not 'grpo', a thr_strategy or strategy:p; give a labelled arm its "
                          "fields, e.g. entropy20=thr_strategy:none,top_entropy_quantile:0.2.")
@@ -148,17 +154,34 @@ class Study:
     evals: dict[str, dict]
     prepare: dict | None = None
     reference_arm: str | None = None
+    # Paired differences the report gives besides each arm minus the reference arm: ("a", "b") is a - b.
+    contrasts: list[tuple[str, str]] = field(default_factory=list)
     lock_timeout: float = 600.0
 
     def design(self) -> dict:
         return json.loads(json.dumps({
             "train": self.train, "arms": {arm.name: arm.overrides for arm in self.arms}, "evals": self.evals,
             "prepare": self.prepare, "reference_arm": self.reference_arm,
+            "contrasts": [list(contrast) for contrast in self.contrasts],
         }, default=str))
 
     def run_order(self) -> list[tuple[Arm, int]]:
         """Whole seeds first, so that a study stopped early has every arm of its first seeds."""
         return [(arm, seed) for seed in self.seeds for arm in self.arms]
+
+
+def parse_contrasts(contrasts, arms: list[Arm]) -> list[tuple[str, str]]:
+    """`["a - b", ...]` as `[(a, b), ...]`, each naming two arms of the study."""
+    if not isinstance(contrasts, list):
+        raise UsageError('contrasts must be a list of "arm - arm" strings, e.g. ["positive-amplify - negative-amplify"].')
+    names, parsed = [arm.name for arm in arms], []
+    for contrast in contrasts:
+        first, minus, second = str(contrast).partition(" - ")
+        if not minus or first.strip() not in names or second.strip() not in names:
+            raise UsageError(f"contrast {contrast!r}: write it as 'arm - arm' (spaces around '-') with two of the "
+                             f"arms {names}.")
+        parsed.append((first.strip(), second.strip()))
+    return parsed
 
 
 def check_seeds(seeds) -> list[int]:
@@ -187,7 +210,7 @@ def design_differences(old: dict, new: dict) -> list[str]:
     for arm, fields_ in old.get("arms", {}).items():
         if arm in new["arms"] and new["arms"][arm] != fields_:
             differences.append(f"arm {arm}: {fields_!r} -> {new['arms'][arm]!r}")
-    if old.get("reference_arm") != new.get("reference_arm"):
+    if old.get("reference_arm") != new.get("reference_arm"):  # contrasts may change: they are analysis only
         differences.append(f"reference_arm: {old.get('reference_arm')!r} -> {new.get('reference_arm')!r}")
     return differences
 
@@ -207,9 +230,10 @@ def bind_directory(study: Study, root: Path) -> None:
                              "another output_dir, or the config it was made with.")
         arms = {**recorded["design"]["arms"], **design["arms"]}
         seeds = list(dict.fromkeys(recorded.get("seeds", []) + study.seeds))
-        if arms == recorded["design"]["arms"] and seeds == recorded.get("seeds"):
+        if (arms == recorded["design"]["arms"] and seeds == recorded.get("seeds")
+                and design["contrasts"] == recorded["design"].get("contrasts", [])):
             return
-        design["arms"] = arms
+        design["arms"] = arms  # contrasts are analysis: the config's replace the recorded ones
     else:
         seeds = study.seeds
     write_json_atomically(path, {"design": design, "seeds": seeds, **source_provenance()})
@@ -604,7 +628,8 @@ def with_recipe_outputs(study: Study, root: Path) -> Study:
     return Study(train={**study.train, "model_name_or_path": made["model"], "dataset_name": made["train"]},
                  arms=study.arms, seeds=study.seeds,
                  evals={name: {**fields_, "benchmark": made["test"]} for name, fields_ in study.evals.items()},
-                 prepare=study.prepare, reference_arm=study.reference_arm, lock_timeout=study.lock_timeout)
+                 prepare=study.prepare, reference_arm=study.reference_arm, contrasts=study.contrasts,
+                 lock_timeout=study.lock_timeout)
 
 
 def run_study(study: Study, root: Path, workers: int = 1) -> dict:

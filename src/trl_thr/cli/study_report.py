@@ -11,6 +11,7 @@ steps: `reward`, `grad_norm` (before clipping), `clipped_frac` (share of steps w
   seeds, reference arm, train and eval configs;
 - `arms`: arm -> metric -> `{"mean", "ci95", "n", "values", "mde80"}` (`trl_thr.cli.study_stats.mean_interval`);
 - `vs_<reference arm>`: arm -> metric -> the arm minus the reference arm, paired by seed (with `seeds`);
+- `contrasts`: `"a - b"` -> metric -> a minus b, paired by seed, for the study's `contrasts`;
 - `slopes`: metric -> the per-seed least-squares slope on the signed p over the arms of the longest dose line
   (arms that differ only in `thr_strategy`/`thr_p`, among the amplify strategies and `dominant-only` at p = 0), with
   `arms`, `per_seed`, `seeds`; `slope_lines`: every such line with two or more values of p;
@@ -176,17 +177,17 @@ def summarize(root: Path) -> dict:
                                               if key in metrics_of[arm, r["seed"]]])}
         result["seconds"][arm] = {"train": mean_interval([r["train_seconds"] for r in runs]),
                                   "eval": mean_interval([r["eval_seconds"] for r in runs])}
+    def paired(arm: str, other: str) -> dict:
+        values = {r["seed"]: metrics_of[arm, r["seed"]] for r in by_arm[arm]}
+        others = {r["seed"]: metrics_of[other, r["seed"]] for r in by_arm[other]}
+        return {key: difference for key in keys if (difference := paired_difference(
+            {s: v[key] for s, v in values.items() if key in v},
+            {s: v[key] for s, v in others.items() if key in v})) is not None}
+
     if reference is not None and reference in by_arm:
-        reference_values = {r["seed"]: metrics_of[reference, r["seed"]] for r in by_arm[reference]}
-        paired = {}
-        for arm in arms:
-            if arm == reference:
-                continue
-            values = {r["seed"]: metrics_of[arm, r["seed"]] for r in by_arm[arm]}
-            paired[arm] = {key: difference for key in keys if (difference := paired_difference(
-                {s: v[key] for s, v in values.items() if key in v},
-                {s: v[key] for s, v in reference_values.items() if key in v})) is not None}
-        result[f"vs_{reference}"] = paired
+        result[f"vs_{reference}"] = {arm: paired(arm, reference) for arm in arms if arm != reference}
+    result["contrasts"] = {f"{a} - {b}": paired(a, b) for a, b in design.get("contrasts", [])
+                           if a in by_arm and b in by_arm}
     lines = dose_lines(records)
     result["slope_lines"] = [{**line, "slopes": line_slopes(records, line, keys)} for line in lines]
     result["slopes"] = result["slope_lines"][0]["slopes"] if lines else {}
@@ -271,6 +272,11 @@ def markdown(result: dict) -> str:
         for arm, values in paired.items():
             lines.append(f"| {arm} | " + " | ".join(fmt(values.get(k), is_percent(k), signed=True) for k in keys)
                          + " |")
+        lines.append("")
+    for name, values in result["contrasts"].items():
+        keys = [k for k in compact_keys(result) if k in values]
+        lines += [f"{name}, paired by seed:", "", "| metric | difference | seeds |", "|---|---|---|"]
+        lines += [f"| {k} | {fmt(values[k], is_percent(k), signed=True)} | {len(values[k]['seeds'])} |" for k in keys]
         lines.append("")
     for line in result["slope_lines"]:
         fixed = ", ".join(f"{k}={v}" for k, v in line["fixed"].items()) or "the study's train config"

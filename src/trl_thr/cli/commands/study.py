@@ -15,6 +15,7 @@ A study config (YAML) has these sections; flags override them:
                     strategy:p) starts from that arm's fields
     seeds:          [0, 1, ...], at least 2; paired across arms (TRL's seed and data_seed)
     reference_arm:  the arm the others are compared with, seed by seed (default grpo, if an arm)
+    contrasts:      more paired differences to report, e.g. ["positive-amplify - negative-amplify"]
     eval:           `trl-thr eval` fields (benchmark, n_samples, k_values, backend, ...); the prompt template and
                     max_new_tokens default to training's. Or `evals:` {name: fields} for several sets.
     prepare:        optional recipe run once before training, e.g. {recipe: arithmetic-scratch, ...}: it makes the
@@ -40,7 +41,7 @@ import yaml
 from trl_thr.cli import check_config_file, run
 from trl_thr.cli.errors import UsageError
 
-SECTIONS = ("train", "arms", "seeds", "reference_arm", "eval", "evals", "prepare")
+SECTIONS = ("train", "arms", "seeds", "reference_arm", "contrasts", "eval", "evals", "prepare")
 EVAL_FLAGS = ("benchmark", "n_samples", "k_values", "backend", "max_problems")
 
 
@@ -107,7 +108,7 @@ def read_yaml(path: str, what: str) -> dict:
 
 def build_study(args, rest: list[str]):
     """The `Study` of the config file and flags, with every section checked."""
-    from trl_thr.cli.study import Study, check_seeds, parse_arms
+    from trl_thr.cli.study import Study, check_seeds, parse_arms, parse_contrasts
 
     config = read_yaml(args.config, "study config") if args.config else {}
     unknown = sorted(set(config) - set(SECTIONS))
@@ -146,7 +147,8 @@ def build_study(args, rest: list[str]):
     if prepare is not None and not isinstance(prepare, dict):
         raise UsageError("prepare must be a mapping with a recipe field (e.g. recipe: arithmetic-scratch).")
     return Study(train=train, arms=parsed_arms, seeds=check_seeds(seeds), evals=evals, prepare=prepare,
-                 reference_arm=reference, lock_timeout=args.lock_timeout)
+                 reference_arm=reference, contrasts=parse_contrasts(config.get("contrasts", []), parsed_arms),
+                 lock_timeout=args.lock_timeout)
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Per-step wall time of GRPOTrainer vs THRGRPOTrainer on the demo config, side by side in one run.
 
     python benchmarks/bench_step.py --out bench_step.json                # the demo (SmolLM2-135M offline, CPU)
-    python benchmarks/bench_step.py --tiny --out /tmp/bench_step.json    # seconds: builtin:tiny-qwen2, smoke run
+    python benchmarks/bench_step.py --tiny --out outputs/bench_step.json    # seconds: builtin:tiny-qwen2, smoke run
 
 The arms are plain `trl.GRPOTrainer` and `THRGRPOTrainer` with each `thr_hidden_source` ("forward", "generate";
 `gpu_check.THR_ARMS`). Every arm is built from the demo config

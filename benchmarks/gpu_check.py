@@ -9,7 +9,7 @@ that match the installed pyarrow, and runs the check with a hard timeout; result
 
 On a CPU, the same phases run at a tiny scale in about a minute (the test suite runs this):
 
-    python benchmarks/gpu_check.py --scale tiny --device cpu --out /tmp/thr-check
+    python benchmarks/gpu_check.py --scale tiny --device cpu --out outputs/thr-check
 
 Phases, in this order; `results.json` is rewritten atomically when each starts and ends, so a kill at any moment
 leaves every finished phase on disk, and a failing phase records its error and traceback while the others run:

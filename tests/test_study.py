@@ -193,3 +193,42 @@ def test_a_tiny_study_resumes_and_shares_its_runs_between_workers(tmp_path):
     output = again.communicate(timeout=300)[0]
     assert again.returncode == 0 and "4/4 runs done" in output, output
     assert train_invocations(directory) == trained
+
+
+STUDY_CONFIGS = sorted(ROOT.glob("examples/configs/study_*.yaml")) + sorted(ROOT.glob("benchmarks/steering/*/study.yaml"))
+
+
+@pytest.mark.parametrize("config", STUDY_CONFIGS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_committed_study_config_is_valid(config, tmp_path):
+    """Each recipe parses and every arm's train config and every eval set pass the commands' own checks (a GPU
+    recipe with its precision switched to a CPU's)."""
+    from trl_thr.cli.commands.study import build_parser, build_study
+    from trl_thr.cli.study import validate, with_recipe_outputs
+
+    cpu = ["--bf16", "false", "--use_cpu", "true"] if "qwen" in config.name else []
+    args, rest = build_parser().parse_known_args(["--config", str(config), "--output_dir", str(tmp_path), *cpu])
+    study = with_recipe_outputs(build_study(args, rest), tmp_path)
+    resolved = validate(study, tmp_path, recipe_makes_benchmark=study.prepare is not None)
+    assert list(resolved) == [arm.name for arm in study.arms] and len(study.seeds) >= 2
+
+
+def test_no_committed_script_or_config_holds_an_absolute_path():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    import re
+
+    absolute = re.compile(r"(?<![\w.:/~-])/(tmp|work|root|home|Users)/")
+    scripts = [p for p in tracked if not p.startswith("tests/")
+               and (p.endswith((".sh", ".yaml", ".yml", ".py", "Makefile")) or p.startswith(".ci/"))]
+    offenders = [p for p in scripts if absolute.search((ROOT / p).read_text(errors="ignore"))]
+    assert offenders == []
+
+
+def test_a_contrast_names_two_arms(tmp_path, capsys):
+    config = yaml.safe_load(TINY_STUDY.read_text())
+    config["contrasts"] = ["positive-amplify - dominant-only"]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert study_cli(tmp_path, config=path) == 2
+    assert "contrast 'positive-amplify - dominant-only': write it as 'arm - arm'" in capsys.readouterr().err

@@ -116,8 +116,9 @@ def build_study(args, rest: list[str]):
         raise UsageError(f"unknown section(s) in {args.config}: {', '.join(unknown)}; a study config has "
                          f"{', '.join(SECTIONS)}.")
     train = config.get("train") or {}
-    if isinstance(train, str):
-        train = read_yaml(train, "train config")
+    if isinstance(train, str):  # a path, from where the command runs or else beside the study config
+        beside = Path(args.config).parent / train
+        train = read_yaml(train if Path(train).is_file() or not beside.is_file() else str(beside), "train config")
     if args.train_config:
         train = read_yaml(args.train_config, "train config")
     if not isinstance(train, dict):

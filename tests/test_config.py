@@ -27,6 +27,14 @@ def test_defaults_follow_the_paper():
         (dict(thr_strategy="exploit"), r"thr_strategy='exploit' is not valid; choose one of"),
         (dict(thr_p=1.0), r"thr_p=1.0: \|p\| must be < 1"),
         (dict(thr_p=-1.5, thr_strategy="amplify"), r"\|p\| must be < 1"),
+        # The paper writes exploration as p = -0.1: with positive-amplify (|p|) that sign would silently exploit.
+        (dict(thr_p=-0.1), "thr_p=-0.1 with thr_strategy='positive-amplify'.*use thr_strategy='negative-amplify'"),
+        (dict(thr_p=0.1, thr_p_end=-0.2, thr_p_schedule="linear"), "thr_p_end=-0.2 with thr_strategy='positive"),
+        (dict(thr_p=-0.1, thr_strategy="negative-amplify"), None),
+        (dict(thr_p=0.1, thr_strategy="negative-amplify"), None),  # a magnitude, as the default thr_p is
+        (dict(thr_p=-0.1, thr_strategy="amplify"), None),
+        (dict(thr_p="0.1"), r"thr_p='0.1' must be a number \(e.g. 0.1\), got str"),
+        (dict(thr_p=True), "thr_p=True must be a number"),
         (dict(thr_p_end=0.99, thr_p_schedule="linear", thr_p=0.1, thr_strategy="amplify"), None),
         (dict(thr_p_end=1.2, thr_p_schedule="linear"), r"thr_p_end=1.2: \|p\| must be < 1"),
         (dict(thr_p_end=0.2), "thr_p_schedule='constant' ignores it"),

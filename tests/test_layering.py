@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "trl_thr"
 # `python -m trl_thr` is the command line's entry point, not part of the core.
 CORE_MODULES = sorted(p for p in PACKAGE.glob("*.py") if p.name != "__main__.py")
@@ -57,3 +59,12 @@ def test_importing_the_whole_core_loads_no_cli_module():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_paths_said_to_be_ignored_are_ignored(tmp_path):
+    """docs/benchmarks.md and benchmarks/gpu_check.py say `.gpu/` (the GPU check's wheels) stays out of git."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["git", "check-ignore", "-q", ".gpu/results.json"], cwd=root)
+    if result.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert result.returncode == 0

@@ -414,8 +414,8 @@ def test_p_is_logged_only_by_the_strategies_that_use_it(tiny_model_path, tmp_pat
                                  thr_threshold="none")
         generate(trainer, tiny_model_path)
         assert ("thr/p" in trainer._metrics["train"]) is logs_p, strategy
-        if logs_p:
-            assert trainer._metrics["train"]["thr/p"] == [0.2]
+        if logs_p:  # the p the weights use: negative-amplify's is -|p|
+            assert trainer._metrics["train"]["thr/p"] == [-0.2]
 
 
 def test_weights_from_config_passes_every_threshold_field():

@@ -200,8 +200,17 @@ class THRGRPOConfig(GRPOConfig):
 
         for name in ("thr_p", "thr_p_end"):
             value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name}={value!r} must be a number (e.g. 0.1), got {type(value).__name__}.")
             if value is not None and not abs(value) < 1:
                 raise ValueError(f"{name}={value}: |p| must be < 1 so that every token weight stays >= 0.")
+            if value is not None and value < 0 and self.thr_strategy == "positive-amplify":
+                # positive-amplify takes |p|: a negative p would silently exploit where the paper's p = -0.1 explores
+                raise ValueError(
+                    f"{name}={value} with thr_strategy='positive-amplify', which uses +|p| (exploitation): for "
+                    f"exploration (the paper's p = -0.1) use thr_strategy='negative-amplify', or "
+                    f"thr_strategy='amplify' with a signed p."
+                )
         if self.thr_p_schedule == "constant" and self.thr_p_end is not None:
             raise ValueError(
                 f"thr_p_end={self.thr_p_end} is set but thr_p_schedule='constant' ignores it. Set "

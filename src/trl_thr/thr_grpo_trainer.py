@@ -23,6 +23,7 @@ from .thr import (
     dominant_tokens,
     group_thresholds,
     scheduled_p,
+    signed_p,
     thr_weights,
 )
 from .thr_grpo_config import THRGRPOConfig
@@ -639,6 +640,6 @@ class THRGRPOTrainer(GRPOTrainer):
         metrics["thr/abs_mean"].append(ratio(abs_sum, active_count))
         metrics["thr/groups_skipped_frac"].append(ratio(skipped, groups))
         if self.args.thr_strategy in STRATEGIES_USING_P:  # the others log no `thr/p`
-            metrics["thr/p"].append(record.p)
+            metrics["thr/p"].append(signed_p(self.args.thr_strategy, record.p))  # the p the weights use
         metrics["thr/seconds"].append(seconds / processes)
         metrics["thr/forward_seconds"].append(forward_seconds / processes)

@@ -354,3 +354,48 @@ def test_prompt_only_data_in_trls_layout_trains_when_no_reward_reads_an_answer(t
         assert main([*common, "--reward_funcs", "accuracy", "--output_dir", str(tmp_path / "b")]) == 2
     (line,) = cli_lines(capsys.readouterr().err)
     assert "answer" in line, line
+
+
+def test_a_chat_template_the_tokenizer_lacks_and_a_missing_tracker_are_one_line_before_any_model_loads(
+        tiny_model_path, tmp_path, capsys):
+    import importlib.util
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_model = tmp_path / "base-model"  # the tiny model with its tokenizer's chat template removed
+    shutil.copytree(tiny_model_path, base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer.chat_template = None
+    (base_model / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(base_model)
+    assert AutoTokenizer.from_pretrained(base_model).chat_template is None
+    real_find_spec = importlib.util.find_spec
+    cases = [
+        (["--model_name_or_path", str(base_model)], "prompt_template='chat-boxed' writes chat messages, but the "
+                                                     f"tokenizer of {base_model} has no chat template"),
+        (["--report_to", "wandb"], "report_to=wandb needs the wandb package, which is not installed: pip install wandb"),
+        (["--report_to", "tensorboard"], "report_to=tensorboard needs the tensorboard package"),
+    ]
+    for argv, message in cases:
+        with patch.object(AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError("a model loaded")), \
+                patch("importlib.util.find_spec", lambda name, *a: None if name in (
+                    "wandb", "tensorboard", "tensorboardX") else real_find_spec(name, *a)):
+            code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path,
+                         "--output_dir", str(tmp_path / "out"), *argv])
+        lines = cli_lines(capsys.readouterr().err)
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
+    # A raw-text template needs no chat template: the same model passes the check.
+    from trl_thr.cli.models import check_chat_template
+    from trl_thr.cli.templates import get_template
+
+    check_chat_template(str(base_model), get_template("r1"))
+
+
+def test_a_bad_choice_given_as_a_flag_is_one_line(capsys):
+    assert main(["train", "--config", TINY, "--thr_strategy", "foo"]) == 2
+    lines = cli_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "invalid choice: 'foo' (choose from 'positive-amplify'" in lines[0], lines
+    assert main(["eval", "--backend", "tpu"]) == 2
+    lines = cli_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "invalid choice: 'tpu'" in lines[0], lines

@@ -81,6 +81,11 @@ def parse_arguments(dataclass_types: tuple, argv: list[str], command: str) -> tu
     argv = split_config_flag(argv)
     check_config_file(argv)
     parser = TrlParser(dataclass_types, prog=f"trl-thr {command}")
+
+    def one_line_error(message: str):  # argparse would print the whole usage (hundreds of lines) before it
+        raise UsageError(f"{message}. See `trl-thr {command} --help`.")
+
+    parser.error = one_line_error
     # TrlParser reads --config itself before argparse sees the arguments; declared here so that --help lists it.
     parser.add_argument("--config", metavar="YAML", help="YAML file of field: value; flags given after override it.")
     try:

@@ -177,3 +177,18 @@ def resolve_model(name_or_path: str, *, needs_tokenizer: bool = True, for_vllm: 
         raise ValueError(f"model {name_or_path}: not found (not a local directory, nor in the local hub cache; "
                          f"{why}).")
     return name_or_path
+
+
+def check_chat_template(model_path: str, template) -> None:
+    """A chat prompt template (every template but a raw one) needs the tokenizer's chat template; one line naming
+    the templates that need none, before a model is loaded."""
+    if template.raw:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"prompt_template={template.name!r} writes chat messages, but the tokenizer of {model_path} has no chat "
+            "template (a base model?): use prompt_template=r1, which writes raw text, or a model with a chat template."
+        )

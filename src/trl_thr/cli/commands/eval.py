@@ -119,7 +119,7 @@ def evaluate(args) -> dict:
         score,
     )
     from trl_thr.cli.generation import adapter_has_tokenizer, choose_backend, render_prompt
-    from trl_thr.cli.models import resolve_model
+    from trl_thr.cli.models import check_chat_template, resolve_model
     from trl_thr.cli.run_dir import check_writable
 
     check_writable(args.output_dir)  # before a model is loaded, with the system's reason
@@ -133,6 +133,8 @@ def evaluate(args) -> dict:
             raise ValueError(f"adapter_name_or_path={args.adapter_name_or_path}: not found (no such directory).")
         model_path = resolve_model(args.model_name_or_path,
                                    needs_tokenizer=not adapter_has_tokenizer(args.adapter_name_or_path))
+        if args.adapter_name_or_path is None:
+            check_chat_template(model_path, template)
         generate, tokenizer = make_generate(args, backend, model_path)
         hashes = FileHashes(cache_dir / "file_hashes.json")
         weights, adapter_weights = fingerprint(model_path, args.adapter_name_or_path, hashes)

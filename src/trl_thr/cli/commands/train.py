@@ -99,6 +99,31 @@ def is_demo(argv: list[str]) -> bool:
     return "--config" not in argv or argv[argv.index("--config") + 1] == DEMO_CONFIG
 
 
+# Trackers `report_to` may name, with the module transformers needs for each and how to install it.
+TRACKERS = {
+    "wandb": ("wandb", "pip install wandb"), "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "trackio": ("trackio", "pip install trackio"), "mlflow": ("mlflow", "pip install mlflow"),
+    "comet_ml": ("comet_ml", "pip install comet_ml"), "clearml": ("clearml", "pip install clearml"),
+    "dvclive": ("dvclive", "pip install dvclive"), "neptune": ("neptune", "pip install neptune"),
+    "swanlab": ("swanlab", "pip install swanlab"), "codecarbon": ("codecarbon", "pip install codecarbon"),
+}
+
+
+def check_trackers(training_args) -> None:
+    """Each tracker `report_to` names is installed (tensorboard: or tensorboardX); one line with the install command
+    otherwise, before a model is loaded."""
+    import importlib.util
+
+    for name in training_args.report_to or []:
+        if name in ("none", "all") or name not in TRACKERS:
+            continue
+        module, install = TRACKERS[name]
+        modules = (module, "tensorboardX") if name == "tensorboard" else (module,)
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise UsageError(f"report_to={name} needs the {module} package, which is not installed: {install} (or "
+                             "set report_to none).")
+
+
 def check_choices(training_args) -> None:
     """One line naming the field and its values for a `GRPOConfig` value TRL would reject only later."""
     for name, choices in GRPO_CHOICES.items():
@@ -214,12 +239,14 @@ def main(argv: list[str] | None = None):
     from trl.import_utils import is_vllm_available
 
     from trl_thr._trl_compat import fsdp_needs_gpus, trains_on_cpu, vllm_refusal
-    from trl_thr.cli.models import resolve_model
+    from trl_thr.cli.models import check_chat_template, resolve_model
+    from trl_thr.cli.templates import get_template
 
     argv = sys.argv[1:] if argv is None else argv
     demo = is_demo(argv)
     (script_args, training_args, model_args, mixture_args, launch_args), argv = parse_args(argv)
     check_choices(training_args)
+    check_trackers(training_args)
     if training_args.use_vllm and not is_vllm_available():
         raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
     if (refusal := vllm_refusal(training_args)) is not None:
@@ -243,7 +270,8 @@ def main(argv: list[str] | None = None):
     )
     try:
         model_path = resolve_model(model_args.model_name_or_path, for_vllm=training_args.use_vllm)
-    except (ValueError, RuntimeError) as error:
+        check_chat_template(model_path, get_template(script_args.prompt_template))
+    except (ValueError, RuntimeError, OSError) as error:
         raise UsageError(str(error)) from error
 
     if wants_launch(launch_args):

@@ -38,7 +38,7 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 demo-install: $(VENV)/.demo-installed
 
 demo: demo-install
-	$(BIN)/trl-thr train
+	$(BIN)/trl-thr train --overwrite_output_dir true
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q

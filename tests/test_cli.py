@@ -119,20 +119,28 @@ def finished_record(out):
     return record
 
 
-def test_a_failed_run_keeps_the_record_of_a_finished_one(tiny_model_path, tmp_path):
+def test_a_failed_run_keeps_the_record_of_the_run_it_replaced_only_without_overwrite(tiny_model_path, tmp_path,
+                                                                                     capsys):
     out = tmp_path / "run"
     record = finished_record(out)
+    with patch("trl_thr.cli.models.resolve_model", side_effect=AssertionError("a model was resolved")):
+        code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out)])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"trl-thr train: error: output_dir={out} holds a finished run (its model); training it "
+                           "again would train past its max_steps.")
+    assert json.loads((out / "trl_thr_run.json").read_text()) == record and len(list(out.iterdir())) == 1
     with patch.object(THRGRPOTrainer, "train", side_effect=RuntimeError("out of memory")):
         with pytest.raises(RuntimeError, match="out of memory"):
-            main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out)])
-    assert json.loads((out / "trl_thr_run.json").read_text()) == record
-    assert [p.name for p in out.iterdir()] == ["trl_thr_run.json"]
+            main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out),
+                  "--overwrite_output_dir", "true"])
+    assert not (out / "trl_thr_run.json").exists()  # the replaced run's record went with it, none was invented
 
 
 def test_a_directory_with_another_runs_checkpoints_is_refused_before_any_model_loads(tiny_model_path, tmp_path,
                                                                                      capsys):
     out = tmp_path / "run"
-    record = finished_record(out)
+    out.mkdir()
     (out / "checkpoint-2").mkdir()
     with patch("trl_thr.cli.models.resolve_model", side_effect=AssertionError("a model was resolved")):
         code = main(["train", "--config", TINY, "--model_name_or_path", tiny_model_path, "--output_dir", str(out)])
@@ -140,7 +148,29 @@ def test_a_directory_with_another_runs_checkpoints_is_refused_before_any_model_l
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"trl-thr train: error: output_dir={out} holds checkpoints of an earlier run (1, the last "
                            "checkpoint-2).")
-    assert json.loads((out / "trl_thr_run.json").read_text()) == record
+
+
+def test_a_checkpoint_of_a_resolved_builtin_model_resumes_under_its_name(tmp_path, monkeypatch, capsys):
+    """Launched processes train (and record) the resolved model path while the printed resume command names
+    `builtin:tiny-qwen2`: they compare equal, and a forced resume is recorded with what differed."""
+    from trl_thr.cli.models import resolve_model
+
+    monkeypatch.setenv("TRL_THR_CACHE", str(tmp_path / "cache"))
+    resolved = resolve_model("builtin:tiny-qwen2")
+    out = tmp_path / "run"
+    common = ["train", "--config", TINY, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "1"]
+    with patch.object(RunRecord, "callback", interrupt_after_first_save()):
+        assert main(common + ["--max_steps", "2", "--model_name_or_path", resolved]) == 130
+    first = out / "checkpoint-1"
+    assert json.loads((first / "trl_thr_run.json").read_text())["settings"]["model"]["model_name_or_path"] == str(
+        Path(resolved).resolve())
+    resume = common + ["--model_name_or_path", "builtin:tiny-qwen2", "--resume_from_checkpoint", str(first)]
+    with patch.object(THRGRPOTrainer, "train", side_effect=KeyboardInterrupt):
+        assert main(resume + ["--max_steps", "2"]) == 130  # not refused as "other settings"
+    assert "other settings" not in capsys.readouterr().err
+    assert main(resume + ["--max_steps", "3", "--force_resume", "true"]) == 0
+    final = json.loads((out / "trl_thr_run.json").read_text())
+    assert final["resumed_from"]["forced"] is True and final["resumed_from"]["differences"] == {"max_steps": [2, 3]}
 
 
 def cli_lines(err: str) -> list[str]:

@@ -71,7 +71,7 @@ def test_another_runs_checkpoints_are_refused_with_the_three_ways_on(tmp_path):
     assert str(error.value) == (
         f"output_dir={tmp_path} holds checkpoints of an earlier run (2, the last checkpoint-10). Train into a new "
         f"output_dir, resume that run with --resume_from_checkpoint {tmp_path / 'checkpoint-10'}, or start over with "
-        "--overwrite_output_dir true (deletes those checkpoints)."
+        "--overwrite_output_dir true (deletes that run's model, checkpoints, record, thr_heatmaps/ and completions/)."
     )
     # resuming a checkpoint kept elsewhere does not make this directory's checkpoints this run's
     elsewhere = checkpoint(tmp_path / "elsewhere", 4)
@@ -88,6 +88,75 @@ def test_overwrite_deletes_the_checkpoints_and_the_record_only(tmp_path):
     with pytest.raises(UsageError, match="overwrite_output_dir=true starts a new run; it cannot be combined with "
                                          "resume_from_checkpoint"):
         prepare(tmp_path, overwrite=True, resume_from=checkpoint(tmp_path, 3))
+
+
+def finished(output_dir, steps=12, model=True):
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RUN_RECORD).write_text(json.dumps({"finished": True, "global_step": steps, "settings": SETTINGS}))
+    if model:
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
+            (output_dir / name).write_text("x")
+    for directory in ("thr_heatmaps", "completions"):
+        (output_dir / directory).mkdir()
+        (output_dir / directory / "step_00001.html").write_text("old")
+
+
+def test_a_finished_run_without_checkpoints_is_refused_and_overwrite_removes_its_files(tmp_path):
+    finished(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError) as error:
+        prepare(tmp_path)
+    assert str(error.value) == (
+        f"output_dir={tmp_path} holds a finished run of 12 steps (its model); training it again would train past its "
+        "max_steps. Train into a new output_dir, or start over with --overwrite_output_dir true (deletes that run's "
+        "model, checkpoints, record, thr_heatmaps/ and completions/)."
+    )
+    assert prepare(tmp_path, overwrite=True) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the old run's artefacts are gone
+
+
+def test_a_finished_run_with_checkpoints_is_not_offered_a_resume(tmp_path):
+    finished(tmp_path)
+    checkpoint(tmp_path, 12)
+    with pytest.raises(UsageError, match=r"holds a finished run of 12 steps \(its model and 1 checkpoint\(s\)\); "
+                                         "training it again would train past its max_steps") as error:
+        prepare(tmp_path)
+    assert "--resume_from_checkpoint" not in str(error.value)
+    # a saved model without a record (another tool's run, or a record lost) is a finished run too
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    (other_dir / "model.safetensors").write_text("x")
+    with pytest.raises(UsageError, match="holds a finished run \\(its model\\)"):
+        prepare(other_dir)
+
+
+def test_resuming_in_place_spelt_relative_or_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    checkpoint(out, 2)
+    last = checkpoint(out, 4, run_id="run-a")
+    resumed = prepare_output_dir("run", SETTINGS, resume_from="run/checkpoint-4", overwrite=False,
+                                 force_resume=False)
+    assert resumed["checkpoint"] == "run/checkpoint-4" and resumed["run_id"] == "run-a"
+    assert prepare_output_dir(str(out), SETTINGS, resume_from="./run/../run/checkpoint-4", overwrite=False,
+                              force_resume=False)["run_id"] == "run-a"
+    assert last.is_dir()
+
+
+def test_settings_name_the_resolved_model(tmp_path, monkeypatch):
+    """A local model recorded by an absolute path: the relative and absolute spellings of it compare equal."""
+    from trl_thr.cli.run_dir import canonical_model, run_settings
+    from trl_thr import THRGRPOConfig
+    from trl import ModelConfig, ScriptArguments
+
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = THRGRPOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none")
+    relative = run_settings(ScriptArguments(dataset_name="d"), ModelConfig(model_name_or_path="model"), args)
+    absolute = run_settings(ScriptArguments(dataset_name="d"), ModelConfig(model_name_or_path=str(tmp_path / "model")),
+                            args)
+    assert relative == absolute and relative["model"]["model_name_or_path"] == str((tmp_path / "model").resolve())
+    assert canonical_model("Qwen/Qwen2.5-Math-1.5B") == "Qwen/Qwen2.5-Math-1.5B"  # a hub id stays as it is
 
 
 def test_resuming_in_place_with_the_same_settings(tmp_path):

@@ -1,8 +1,10 @@
 """One output directory, one run: what `trl-thr train` checks in `output_dir` before training and records there.
 
 - Before any model is loaded, `prepare_output_dir` checks that `output_dir` can be written, refuses a directory that
-  holds checkpoints of another run (unless the run resumes one of them, or `overwrite_output_dir` deletes them), and
-  refuses to resume a checkpoint trained with other settings (unless `force_resume`).
+  holds another run (its checkpoints, or the model and record of a finished run) unless the run resumes one of its
+  checkpoints or `overwrite_output_dir` deletes that run's files, and refuses to resume a checkpoint trained with
+  other settings (unless `force_resume`). Settings name the model by what it resolves to (a builtin model's
+  directory, a local path made absolute), so a resume spelt with the name or with the path compares equal.
 - `RunRecord` writes `trl_thr_run.json` into every checkpoint the run saves (`finished: false`: the run's id, its
   settings, what it resumed from, the step), so a checkpoint says which run wrote it and with which settings; and
   into `output_dir` when the run has finished (`finished: true`, with the versions that ran it), next to the model
@@ -41,15 +43,33 @@ TRAINING_FIELDS = (
 )
 # Script fields that only say how this invocation behaves, not what it trains.
 INVOCATION_FIELDS = ("plot", "overwrite_output_dir", "force_resume")
+# What a run writes into its output_dir besides checkpoints (trainer.save_model's files, the record, THR's and TRL's
+# logs): `overwrite_output_dir` removes these, and nothing else the directory holds.
+RUN_FILES = (RUN_RECORD, "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "adapter_config.json", "adapter_model.safetensors", "training_args.bin", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+             "added_tokens.json", "chat_template.jinja", "README.md", "thr_metrics.png", "thr_summary.json")
+RUN_FILE_PATTERNS = ("model-*.safetensors",)
+RUN_DIRECTORIES = ("thr_heatmaps", "completions")
+SAVED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def canonical_model(name_or_path: str) -> str:
+    """A model as settings record it: a local path made absolute (symlinks resolved), a hub id as it is."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def run_settings(script_args, model_args, training_args) -> dict:
     """What a run trains: its data, template and rewards, its model settings, and its training and `thr_*` fields.
     JSON-ready (values JSON cannot hold are written as their `str`)."""
     training = training_args.to_dict()
+    model = asdict(model_args)
+    if model.get("model_name_or_path"):
+        model["model_name_or_path"] = canonical_model(model["model_name_or_path"])
     settings = {
         "script": {k: v for k, v in asdict(script_args).items() if k not in INVOCATION_FIELDS},
-        "model": asdict(model_args),
+        "model": model,
         "training": {k: training[k] for k in TRAINING_FIELDS if k in training},
         "thr": {k: v for k, v in training.items() if k.startswith("thr_")},
     }
@@ -119,38 +139,89 @@ def _describe(value) -> str:
     return "unset" if value is None else json.dumps(value)
 
 
+def remove_run_files(output_dir: str | Path) -> list[str]:
+    """Delete an earlier run's checkpoints and files (`RUN_FILES`, `RUN_DIRECTORIES`) from `output_dir`; the names
+    removed."""
+    directory = Path(output_dir)
+    removed = []
+    for checkpoint in checkpoints_in(directory):
+        shutil.rmtree(checkpoint)
+        removed.append(checkpoint.name)
+    files = [directory / name for name in RUN_FILES] + [p for pattern in RUN_FILE_PATTERNS
+                                                          for p in sorted(directory.glob(pattern))]
+    for path in files:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    for name in RUN_DIRECTORIES:
+        if (directory / name).is_dir():
+            shutil.rmtree(directory / name)
+            removed.append(name + "/")
+    return removed
+
+
+def finished_run(output_dir: str | Path) -> dict | None:
+    """What a finished run left in `output_dir` (its record, or a saved model without one): `{"steps"}` (or `None`
+    steps when unknown), or `None` if there is none."""
+    directory = Path(output_dir)
+    record = read_record(directory)
+    if record is not None and record.get("finished"):
+        return {"steps": record.get("global_step")}
+    if any((directory / name).is_file() for name in SAVED_MODEL_FILES):
+        return {"steps": None}
+    return None
+
+
 def prepare_output_dir(output_dir: str, settings: dict, *, resume_from: str | None, overwrite: bool,
                        force_resume: bool) -> dict | None:
-    """Check `output_dir` before training (see the module docstring); delete its checkpoints if `overwrite`.
+    """`check_output_dir`, then `resume_source`: what the run resumes from, or `None` for a new run."""
+    check_output_dir(output_dir, resume_from=resume_from, overwrite=overwrite)
+    return resume_source(resume_from, settings, force_resume=force_resume)
 
-    Returns what the run resumes from, `{"checkpoint", "settings", "forced", "differences"}`, or `None` for a new run.
-    """
+
+def check_output_dir(output_dir: str, *, resume_from: str | None, overwrite: bool) -> None:
+    """Check `output_dir` before a model is resolved (see the module docstring); delete an earlier run's files if
+    `overwrite`."""
     check_writable(output_dir)
     existing = checkpoints_in(output_dir)
+    finished = finished_run(output_dir)
     if overwrite:
         if resume_from is not None:
             raise UsageError("overwrite_output_dir=true starts a new run; it cannot be combined with "
                              "resume_from_checkpoint. Drop one of them.")
-        for checkpoint in existing:
-            shutil.rmtree(checkpoint)
-        (Path(output_dir) / RUN_RECORD).unlink(missing_ok=True)
-        return None
+        remove_run_files(output_dir)
+        return
     resumed_in_place = resume_from is not None and any(
         Path(resume_from).resolve() == checkpoint.resolve() for checkpoint in existing
     )
+    start_over = ("--overwrite_output_dir true (deletes that run's model, checkpoints, record, thr_heatmaps/ and "
+                  "completions/)")
+    if finished is not None and not resumed_in_place:
+        steps = f" of {finished['steps']} steps" if finished["steps"] is not None else ""
+        held = f" and {len(existing)} checkpoint(s)" if existing else ""
+        raise UsageError(
+            f"output_dir={output_dir} holds a finished run{steps} (its model{held}); training it again would train "
+            f"past its max_steps. Train into a new output_dir, or start over with {start_over}."
+        )
     if existing and not resumed_in_place:
         last = existing[-1]
         raise UsageError(
             f"output_dir={output_dir} holds checkpoints of an earlier run ({len(existing)}, the last {last.name}). "
             f"Train into a new output_dir, resume that run with --resume_from_checkpoint {last}, or start over with "
-            "--overwrite_output_dir true (deletes those checkpoints)."
+            f"{start_over}."
         )
-    if resume_from is None:
-        return None
-    if not Path(resume_from).is_dir():
+    if resume_from is not None and not Path(resume_from).is_dir():
         raise UsageError(
             f"resume_from_checkpoint={resume_from} is not a directory (e.g. {output_dir}/checkpoint-500)."
         )
+
+
+def resume_source(resume_from: str | None, settings: dict, *, force_resume: bool) -> dict | None:
+    """What the run resumes from, `{"checkpoint", "settings", "forced", "differences", "run_id"}` (`forced`: settings
+    differed and `force_resume` went on anyway), after comparing the checkpoint's settings with this run's; `None`
+    for a new run. `settings` name the resolved model (`run_settings`)."""
+    if resume_from is None:
+        return None
     record = read_record(resume_from)
     if record is None or "settings" not in record:
         if not force_resume:

@@ -28,7 +28,7 @@ from trl_thr.cli.launch import (
     launch_script,
     wants_launch,
 )
-from trl_thr.cli.run_dir import RunRecord, prepare_output_dir, run_settings, start_run
+from trl_thr.cli.run_dir import RunRecord, check_output_dir, resume_source, run_settings, start_run
 from trl_thr.cli.run_dir import interrupted_message as describe_interruption
 from trl_thr.thr_grpo_config import THRGRPOConfig
 
@@ -261,18 +261,20 @@ def main(argv: list[str] | None = None):
     if not model_args.model_name_or_path:
         raise UsageError("set model_name_or_path (a hub id, a local directory, or builtin:tiny-qwen2).")
     start_run(launched=inside_launched_process())  # before any launch: the launched processes inherit the id
-    resumed_from = prepare_output_dir(
-        training_args.output_dir, run_settings(script_args, model_args, training_args),
-        resume_from=training_args.resume_from_checkpoint,
-        # the launching process has deleted them already, once for every process
-        overwrite=script_args.overwrite_output_dir and not inside_launched_process(),
-        force_resume=script_args.force_resume,
-    )
+    check_output_dir(training_args.output_dir, resume_from=training_args.resume_from_checkpoint,
+                     # the launching process has deleted an earlier run's files already, once for every process
+                     overwrite=script_args.overwrite_output_dir and not inside_launched_process())
     try:
         model_path = resolve_model(model_args.model_name_or_path, for_vllm=training_args.use_vllm)
         check_chat_template(model_path, get_template(script_args.prompt_template))
     except (ValueError, RuntimeError, OSError) as error:
         raise UsageError(str(error)) from error
+    # Settings name the model it resolves to, as the launched processes (given the resolved path) and the records of
+    # their checkpoints do: a resume spelt `builtin:...` (or the demo's hub id) compares equal to its checkpoint.
+    model_args.model_name_or_path = model_path
+    resumed_from = resume_source(training_args.resume_from_checkpoint,
+                                 run_settings(script_args, model_args, training_args),
+                                 force_resume=script_args.force_resume)
 
     if wants_launch(launch_args):
         # The workers re-parse the same arguments; the model is resolved once, here, for all of them.

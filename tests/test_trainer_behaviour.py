@@ -621,3 +621,30 @@ def test_entropy_overlap_is_logged_by_thr_runs_only(tiny_model_path, tmp_path):
         assert ("thr/entropy_overlap" in history) is logged, strategy
         if logged:
             assert 0 <= history["thr/entropy_overlap"] <= 1
+
+
+def test_a_positive_set_that_stays_empty_is_logged_warned_and_summarised(tiny_model_path, tmp_path, caplog):
+    """A threshold no completion reaches (length rewards of at most 8, threshold 100): THR applies to no group."""
+    from trl_thr.cli.summary import format_summary, summarize
+
+    caplog.set_level("WARNING", logger="trl_thr.thr_grpo_trainer")
+    args = make_config(tmp_path / "never", max_steps=2, thr_positive_reward_threshold=100.0)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["thr/frac_no_positive"] for entry in logs] == [1.0, 1.0]
+    assert [entry["thr/groups_skipped_frac"] for entry in logs] == [1.0, 1.0]
+    (warning,) = [r.getMessage() for r in caplog.records if "thr_positive_reward_threshold" in r.getMessage()]
+    assert warning.startswith("No completion reached thr_positive_reward_threshold=100.0 (the weighted sum of the "
+                              "rewards) in 1 generation batch(es) in a row: THR applied to no group")
+    assert "The highest reward in the last batch was " in warning
+    text = format_summary(summarize(trainer.state.log_history, 1.0, 2))
+    assert "In 2 of 2 steps no completion reached thr_positive_reward_threshold" in text
+
+    caplog.clear()
+    args = make_config(tmp_path / "reached", max_steps=2, thr_positive_reward_threshold=1.0)
+    trainer = THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
+    trainer.train()
+    assert [e["thr/frac_no_positive"] for e in trainer.state.log_history if "loss" in e] == [0.0, 0.0]
+    assert not [r for r in caplog.records if "thr_positive_reward_threshold" in r.getMessage()]
+    assert "no completion reached" not in format_summary(summarize(trainer.state.log_history, 1.0, 2))

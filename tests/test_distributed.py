@@ -29,7 +29,7 @@ def test_two_processes_match_one(tiny_model_path, tmp_path):
     assert [(tmp_path / f"wrapper-freed-rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
 
 
-TINY_CONFIG = str(HERE.parent / "examples" / "configs" / "tiny_cpu.yaml")
+TINY_CONFIG = str(HERE.parent / "src" / "trl_thr" / "cli" / "configs" / "tiny_cpu.yaml")
 TWO_PROCESS_RUNS = 5
 
 

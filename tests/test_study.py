@@ -22,7 +22,7 @@ from trl_thr.cli.errors import UsageError
 from trl_thr.cli.study import Arm, Study, bind_directory, claim, parse_arm, parse_arms, run_name, run_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_STUDY = ROOT / "examples" / "configs" / "study_tiny.yaml"
+TINY_STUDY = ROOT / "src" / "trl_thr" / "cli" / "configs" / "study_tiny.yaml"
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,8 @@ def test_a_tiny_study_resumes_and_shares_its_runs_between_workers(tmp_path):
     assert train_invocations(directory) == trained
 
 
-STUDY_CONFIGS = sorted(ROOT.glob("examples/configs/study_*.yaml")) + sorted(ROOT.glob("benchmarks/steering/*/study.yaml"))
+STUDY_CONFIGS = (sorted(ROOT.glob("examples/configs/study_*.yaml")) + [TINY_STUDY]
+                 + sorted(ROOT.glob("benchmarks/steering/*/study.yaml")))
 
 
 @pytest.mark.parametrize("config", STUDY_CONFIGS, ids=lambda path: str(path.relative_to(ROOT)))

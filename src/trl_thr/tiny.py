@@ -74,7 +74,7 @@ def digit_reward(completions, **kwargs) -> list[float]:
     """Fraction of the completion's characters that are digits.
 
     A reward a random tiny model can climb: it varies within every group, so advantages are not all 0. For smoke
-    runs (`examples/configs/tiny_cpu.yaml`, `examples/quickstart.py`), not for real training.
+    runs (`trl-thr train --config tiny_cpu`, `examples/quickstart.py`), not for real training.
     """
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in texts]

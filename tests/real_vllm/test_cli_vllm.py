@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
-TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
+TINY = str(ROOT / "src" / "trl_thr" / "cli" / "configs" / "tiny_cpu.yaml")
 
 
 def run_cli(args, tmp_path):

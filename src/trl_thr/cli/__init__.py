@@ -36,11 +36,38 @@ def ignore_upstream_rename_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
+def packaged_config(name: str) -> Path | None:
+    """A recipe shipped with the package (`trl_thr/cli/configs/<name>.yaml`: demo, tiny_cpu, study_tiny), by name."""
+    import importlib.resources
+
+    path = Path(str(importlib.resources.files("trl_thr.cli.configs").joinpath(f"{name.removesuffix('.yaml')}.yaml")))
+    return path if "/" not in name and path.is_file() else None
+
+
+def packaged_config_names() -> list[str]:
+    import importlib.resources
+
+    return sorted(p.name[: -len(".yaml")] for p in importlib.resources.files("trl_thr.cli.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_config(path: str) -> str:
+    """A `--config` value: an existing file, else the packaged recipe of that name (`--config tiny_cpu`)."""
+    if Path(path).is_file():
+        return path
+    packaged = packaged_config(path)
+    return str(packaged) if packaged is not None else path
+
+
 def split_config_flag(argv: list[str]) -> list[str]:
-    """`argv` with `--config=file.yaml` written as `--config file.yaml`, the form `TrlParser` reads."""
+    """`argv` with `--config=file.yaml` written as `--config file.yaml`, the form `TrlParser` reads, and a packaged
+    recipe's name (`--config tiny_cpu`) replaced by its file."""
     split = []
     for arg in argv:
         split += ["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg]
+    if "--config" in split and split.index("--config") + 1 < len(split):
+        index = split.index("--config") + 1
+        split[index] = resolve_config(split[index])
     return split
 
 
@@ -56,7 +83,8 @@ def check_config_file(argv: list[str]) -> None:
         raise UsageError("--config needs a YAML file.")
     path = argv[index + 1]
     if not Path(path).is_file():
-        raise UsageError(f"config file {path} does not exist.")
+        raise UsageError(f"config file {path} does not exist (recipes shipped with trl-thr, by name: "
+                         f"{', '.join(packaged_config_names())}).")
     try:
         config = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as error:

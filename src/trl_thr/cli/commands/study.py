@@ -1,6 +1,6 @@
 """`trl-thr study`: does an arm change what a run learns? Train every (arm, seed), evaluate each, compare over seeds.
 
-    trl-thr study --config examples/configs/study_tiny.yaml --output_dir runs/study-tiny
+    trl-thr study --config study_tiny --output_dir runs/study-tiny      # a recipe shipped with the package
     trl-thr study --config study.yaml --output_dir runs/s --arms grpo positive-amplify \\
         "entropy20=thr_strategy:none,top_entropy_quantile:0.2" --seeds 0 1 2 3 --workers 2
     trl-thr study --train_config run.yaml --arms grpo negative-amplify --seeds 0 1 2 3 4 5 6 7 \\
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from trl_thr.cli import check_config_file, run
+from trl_thr.cli import check_config_file, resolve_config, run
 from trl_thr.cli.errors import UsageError
 
 SECTIONS = ("train", "arms", "seeds", "reference_arm", "contrasts", "eval", "evals", "prepare")
@@ -102,6 +102,7 @@ def train_flags(rest: list[str]) -> dict:
 
 
 def read_yaml(path: str, what: str) -> dict:
+    path = resolve_config(path)
     check_config_file(["--config", path])
     return yaml.safe_load(Path(path).read_text()) or {}
 

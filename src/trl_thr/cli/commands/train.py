@@ -1,13 +1,14 @@
 """`trl-thr train`: THR-GRPO on a math dataset, configured like `trl grpo`.
 
     trl-thr train                                   # the embedded demo: SmolLM2-135M, arithmetic, CPU, offline
+    trl-thr train --config tiny_cpu                 # a recipe shipped with the package, by name: seconds on a CPU
     trl-thr train --config examples/configs/paper_qwen2.5_math_1.5b.yaml
     trl-thr train --config run.yaml --thr_strategy negative-amplify --num_processes 8 --accelerate_config zero3
 
 Arguments are TRL's (`GRPOConfig`, `ModelConfig`, `ScriptArguments`, `DatasetMixtureConfig`) plus the `thr_*` fields
-of `THRGRPOConfig`, the dataset/template/reward fields below, and the launch fields of `LaunchArguments`. Without
-`--config`, the demo config is the base and flags override it. The file can also be run directly by
-`accelerate launch`.
+of `THRGRPOConfig`, the dataset/template/reward fields below, and the launch fields of `LaunchArguments`. With no
+arguments at all, the demo runs (`--config demo` is the same, with flags that override it); other arguments without
+`--config` start from TRL's defaults. The file can also be run directly by `accelerate launch`.
 """
 
 import importlib.resources
@@ -87,17 +88,15 @@ GRPO_CHOICES = {
 
 
 def parse_args(argv: list[str]):
-    """`((script, training, model, mixture, launch) args, argv)`; without `--config` the demo config is the base."""
-    argv = split_config_flag(list(argv))
-    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
-        argv = ["--config", DEMO_CONFIG] + argv
+    """`((script, training, model, mixture, launch) args, argv)`; no arguments at all is the demo."""
+    argv = split_config_flag(list(argv)) or ["--config", DEMO_CONFIG]
     return parse_arguments(DATACLASSES, argv, "train"), argv
 
 
 def is_demo(argv: list[str]) -> bool:
-    """Whether the run is the embedded demo (perhaps with flags changed): its config file is the demo's."""
+    """Whether the run is the embedded demo (perhaps with flags changed): no arguments, or the demo's config."""
     argv = split_config_flag(list(argv))
-    return "--config" not in argv or argv[argv.index("--config") + 1] == DEMO_CONFIG
+    return not argv or ("--config" in argv and argv[argv.index("--config") + 1] == DEMO_CONFIG)
 
 
 # Trackers `report_to` may name, with the module transformers needs for each and how to install it.

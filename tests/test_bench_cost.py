@@ -40,3 +40,15 @@ def test_one_arm_records_fixed_work_and_the_summary_pairs_arms(tiny_model_path, 
     assert summary["pairs"] == 2 and summary["all_completions_full_length"]
     assert summary["ratios"] == [1.1, 1.0]
     assert json.loads(out.read_text().splitlines()[0])["trainer"] == "grpo"
+
+
+def test_full_length_is_judged_on_every_step(tmp_path):
+    """One step with a shorter completion, after full-length ones, makes the work not fixed."""
+    out = tmp_path / "runs.jsonl"
+    base = {"engine": "transformers", "max_completion_length": 8, "timed_median": 1.0}
+    for trainer in ("grpo", "thr"):
+        append_json_line(out, {**base, "trainer": trainer, "min_completion_length": [8.0, 8.0, 8.0]})
+    assert bench_cost.summarize(out)["transformers"]["all_completions_full_length"]
+    append_json_line(out, {**base, "trainer": "grpo", "min_completion_length": [8.0, 8.0, 5.0]})
+    append_json_line(out, {**base, "trainer": "thr", "min_completion_length": [8.0, 8.0, 8.0]})
+    assert not bench_cost.summarize(out)["transformers"]["all_completions_full_length"]

@@ -452,3 +452,18 @@ def test_a_bad_choice_given_as_a_flag_is_one_line(capsys):
     assert main(["eval", "--backend", "tpu"]) == 2
     lines = cli_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "invalid choice: 'tpu'" in lines[0], lines
+
+
+@pytest.mark.parametrize("files", [("vocab.json", "merges.txt"), ("tokenizer.model",)], ids=["bpe", "sentencepiece"])
+def test_a_slow_tokenizer_alone_is_a_tokenizer(files, tmp_path):
+    """A model directory whose only tokenizer is a slow one (vocab.json + merges.txt, or tokenizer.model) has one."""
+    from trl_thr.cli.models import check_tokenizer_files
+
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    for name in files:
+        (tmp_path / name).write_text("x")
+    check_tokenizer_files(tmp_path)
+    for name in files:
+        (tmp_path / name).unlink()
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        check_tokenizer_files(tmp_path)

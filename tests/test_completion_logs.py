@@ -56,9 +56,9 @@ def train_with_completions(model_path, output_dir, **overrides):
     original = trainer._thr_weights_and_metrics
 
     def record(batch, *rest):
-        weights = original(batch, *rest)
+        weights, thr_batch = original(batch, *rest)
         recorded.update(weights=weights, mask=batch["completion_mask"])
-        return weights
+        return weights, thr_batch
 
     trainer._thr_weights_and_metrics = record
     return trainer, recorded
@@ -150,3 +150,27 @@ def test_heatmap_goes_to_a_tracker_that_renders_html(tiny_model_path, tmp_path):
     assert tables and set(COLUMNS) <= set(tables[0].dataframe.columns)
     assert len(pages) == 1 and "<span" in pages[0].page
     assert not Path(tmp_path, "thr_heatmaps").exists()
+
+
+def test_the_heatmap_draws_the_rows_of_the_first_active_group(tiny_model_path, tmp_path):
+    """Group 0 has no reward variance (inactive), group 1 is drawn: its rows are 2..3 (group * G), not 1..2."""
+    import torch
+
+    from trl_thr.thr_grpo_trainer import THRBatch
+
+    trainer, _ = train_with_completions(tiny_model_path, tmp_path, max_steps=1, per_device_train_batch_size=4,
+                                        num_generations=2)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]])
+    mask = torch.ones(4, 3, dtype=torch.long)
+    thr = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9], [1.0, 1.1, 1.2]])
+    advantages = torch.tensor([0.0, 0.0, 0.5, -0.5])
+    batch = {"completion_ids": ids, "prompt_ids": torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4]]),
+             "prompt_mask": torch.ones(4, 2, dtype=torch.long)}
+    record = THRBatch.build(thr, torch.ones(4, 3), torch.tensor([float("nan"), 0.0]), advantages, mask, 2, None, 0.1)
+    assert record.active_groups.tolist() == [False, True]
+    trainer._log_thr_completions(batch, record)
+    heatmap = trainer._thr_heatmap
+    assert heatmap["advantages"] == [0.5, -0.5]
+    assert [row for rows in heatmap["thr"] for row in rows] == pytest.approx([0.7, 0.8, 0.9, 1.0, 1.1, 1.2])
+    tokenizer = trainer.processing_class
+    assert heatmap["prompt"] == tokenizer.decode([3, 4])

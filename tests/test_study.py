@@ -233,3 +233,18 @@ def test_a_contrast_names_two_arms(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert study_cli(tmp_path, config=path) == 2
     assert "contrast 'positive-amplify - dominant-only': write it as 'arm - arm'" in capsys.readouterr().err
+
+
+def test_named_strategies_sit_at_their_signed_p():
+    """negative-amplify's thr_p 0.1 trains at p = -0.1: its record, the dose line and the report say -0.1."""
+    from trl_thr.cli.study import validate
+    from trl_thr.cli.study_report import strategy_and_p
+
+    config = yaml.safe_load(TINY_STUDY.read_text())
+    study = Study(train=config["train"], arms=parse_arms(["positive-amplify", "negative-amplify", "amplify:-0.3"]),
+                  seeds=[0, 1], evals={"": config["eval"]})
+    resolved = validate(study, Path("unused"))
+    assert {arm: values["thr_p"] for arm, values in resolved.items()} == {
+        "positive-amplify": 0.1, "negative-amplify": -0.1, "amplify:-0.3": -0.3}
+    legacy = {"train_config": {"thr_strategy": "negative-amplify", "thr_p": 0.1}}  # the earlier records' layout
+    assert strategy_and_p(legacy) == ("negative-amplify", -0.1)

@@ -236,3 +236,15 @@ def test_high_entropy_tokens_is_trls_top_entropy_quantile_rule():
     # 9 masked-in values 0.1..0.9: the 0.8 quantile is 0.74, so 0.8 and 0.9 are the top 20 %.
     expected = torch.tensor([[False] * 5, [False, False, True, True, False]])
     assert torch.equal(high_entropy_tokens(trainer, entropies, mask, 0.2), expected)
+
+
+def test_a_cpu_run_is_told_by_use_cpu_even_where_cuda_is_present():
+    """Server mode and FSDP are refused for a run that trains on a CPU: asked with use_cpu on a CUDA machine, or on a
+    machine without CUDA."""
+    from types import SimpleNamespace
+
+    with patch("torch.cuda.is_available", return_value=True):
+        assert compat.trains_on_cpu(SimpleNamespace(use_cpu=True))
+        assert not compat.trains_on_cpu(SimpleNamespace(use_cpu=False))
+    with patch("torch.cuda.is_available", return_value=False):
+        assert compat.trains_on_cpu(SimpleNamespace(use_cpu=False))

@@ -130,7 +130,7 @@ def assert_two_processes_match_one(model_path, output_dir, rank_batches, rank_me
     trainer.model.train()
     logps, hidden = trainer._old_policy_forward(batch)
     thr = trainer._compute_thr(batch, hidden, logps, positive=None)
-    one_process_weights = trainer._thr_weights_and_metrics(batch, thr, None, thr_seconds=0.0, forward_seconds=0.0)
+    one_process_weights, _ = trainer._thr_weights_and_metrics(batch, thr, None, thr_seconds=0.0, forward_seconds=0.0)
 
     torch.testing.assert_close(one_process_weights, two_process_weights, rtol=1e-5, atol=1e-6)
     kept = (two_process_weights > 0).float().mean()

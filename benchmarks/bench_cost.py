@@ -46,7 +46,9 @@ PROMPTS = [f"What is {a} times {b}? Think step by step, then give the answer." f
 
 def train_one_arm(trainer_name: str, engine: str, steps: int, warmup: int, batch: int, num_generations: int,
                   max_completion_length: int, model: str) -> dict:
-    """Train one arm for `warmup + steps` steps in this process; its step times and what each step generated."""
+    """Train one arm for `warmup + steps` steps in this process; its step times, what each step generated, THR's
+    clocked work, and the arm's whole time from here (model loading included)."""
+    arm_start = time.perf_counter()
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -84,6 +86,8 @@ def train_one_arm(trainer_name: str, engine: str, steps: int, warmup: int, batch
         "min_completion_length": [entry["completions/min_length"] for entry in logs],
         "max_completion_length_seen": [entry["completions/max_length"] for entry in logs],
         "thr_seconds": [entry.get("thr/seconds") for entry in logs],
+        "thr_forward_seconds": [entry.get("thr/forward_seconds") for entry in logs],
+        "arm_seconds": time.perf_counter() - arm_start,
         "load_before": load_before, "load_after": measure.load_averages(),
     }
 

@@ -115,7 +115,7 @@ def recording(make_generate, seeds, stop_after=None):
     """Wrap `make_generate` so its generator records problem seeds; KeyboardInterrupt on problem `stop_after`."""
 
     def wrapped_make_generate(*args, **kwargs):
-        generate, tokenizer = make_generate(*args, **kwargs)
+        generate, tokenizer, dtype = make_generate(*args, **kwargs)
 
         def generate_and_record(prompt, num_samples, temperature, seed):
             if seed not in seeds and stop_after is not None and len(set(seeds)) == stop_after:
@@ -123,7 +123,7 @@ def recording(make_generate, seeds, stop_after=None):
             seeds.append(seed)
             return generate(prompt, num_samples, temperature, seed)
 
-        return generate_and_record, tokenizer
+        return generate_and_record, tokenizer, dtype
 
     return wrapped_make_generate
 
@@ -215,9 +215,13 @@ def test_cache_follows_the_weights_not_the_path(tiny_model_path, benchmark_file,
 def test_dtype_and_settings_are_keyed_and_recorded(tiny_model_path, benchmark_file, tmp_path):
     auto = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path))[0]
     float32 = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path, "--dtype", "float32"))[0]
-    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 2  # float32 did not reuse auto's samples
+    # `auto` is recorded as what it ran: the float32 checkpoint's float32, whose samples float32 then reuses
+    assert (auto["config"]["dtype"], float32["config"]["dtype"]) == ("float32", "float32")
+    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 1
+    bfloat16 = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path, "--dtype", "bfloat16"))[0]
+    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 2  # bfloat16 did not reuse float32's samples
+    assert bfloat16["config"]["dtype"] == "bfloat16"
     config = float32["config"]
-    assert (auto["config"]["dtype"], config["dtype"]) == ("auto", "float32")
     assert {"backend", "template", "temperature", "top_p", "seed", "max_new_tokens", "n", "batch_size",
             "problems_digest", "weights", "adapter_weights"} <= set(config)
     assert config["weights"]["config.json"]["sha256"] and config["adapter_weights"] is None
@@ -300,8 +304,11 @@ class FakeVLLM:
             self.n, self.temperature, self.seed = n, temperature, seed
 
     class LLM:
+        built = []  # (model, engine kwargs) of every engine built
+
         def __init__(self, model, seed, **kwargs):
             self.kwargs = kwargs
+            FakeVLLM.LLM.built.append((model, kwargs))
 
         def generate(self, prompts, params, use_tqdm=False):
             gold = prompts[0].split("What is ")[1].split(" +")[0]
@@ -311,10 +318,38 @@ class FakeVLLM:
 
 
 def test_vllm_backend_path(tiny_model_path, benchmark_file, tmp_path):
-    with patch.dict(sys.modules, {"vllm": FakeVLLM}), patch("trl.import_utils.is_vllm_available", lambda: True):
+    with patch.dict(sys.modules, {"vllm": FakeVLLM}), patch("trl.import_utils.is_vllm_available", lambda: True), \
+            patch("trl_thr._trl_compat.vllm_runs_on_cpu", lambda: False):  # vLLM on a GPU platform
         (result,) = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path, "--backend", "vllm"))
     assert result["config"]["backend"] == "vllm"
     assert result["metrics"]["pass@4"] == pytest.approx(3 / 5)  # problems 0, 2, 4 (even seeds) are right
+
+
+def test_vllm_on_a_cpu_runs_the_checkpoints_dtype_and_a_builtin_model_in_its_vllm_width(tiny_model_path,
+                                                                                         benchmark_file, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """vLLM's `auto` would run a float32 checkpoint in bfloat16 on its CPU platform: the checkpoint's dtype is asked
+    for and recorded; `builtin:tiny-qwen2` is built head_dim 64 as training builds it; and a comparison with a
+    transformers result of another dtype is flagged."""
+    import trl_thr._trl_compat  # noqa: F401 - TRL checks vLLM's version when first imported: before it is faked
+
+    monkeypatch.setenv("TRL_THR_CACHE", str(tmp_path / "cache"))
+    FakeVLLM.LLM.built.clear()
+    with patch.dict(sys.modules, {"vllm": FakeVLLM}), patch("trl.import_utils.is_vllm_available", lambda: True), \
+            patch("trl_thr._trl_compat.vllm_runs_on_cpu", lambda: True):
+        (result,) = eval_script.main(eval_args("builtin:tiny-qwen2", benchmark_file, tmp_path / "v", "--backend",
+                                               "vllm", "--run_name", "v"))
+    ((model, engine),) = FakeVLLM.LLM.built
+    assert model.endswith("tiny-qwen2-vllm") and engine["dtype"] == "float32" and engine["enforce_eager"]
+    assert result["config"]["dtype"] == "float32" and result["config"]["backend"] == "vllm"
+    (other,) = eval_script.main(eval_args(tiny_model_path, benchmark_file, tmp_path / "t", "--dtype", "bfloat16",
+                                          "--run_name", "t"))
+    assert other["config"]["dtype"] == "bfloat16" and other["config"]["backend"] == "transformers"
+    capsys.readouterr()
+    eval_script.main(["--compare", str(tmp_path / "v" / "v.json"), str(tmp_path / "t" / "t.json"),
+                      "--output_dir", str(tmp_path / "c")])
+    error = capsys.readouterr().err
+    assert "these runs differ in" in error and "backend" in error and "dtype" in error
 
 
 @pytest.mark.parametrize(

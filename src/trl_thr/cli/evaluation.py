@@ -222,7 +222,7 @@ def run_labels(results: list[dict], sources: list[str]) -> list[str]:
 
 # Settings that change the scores: runs that differ in any of them do not measure the same thing.
 COMPARED_SETTINGS = ("benchmark", "problems_digest", "n", "temperature", "top_p", "max_new_tokens", "greedy",
-                     "lenient", "template")
+                     "lenient", "template", "backend", "dtype")
 
 
 def differing_settings(results: list[dict]) -> dict[str, list[str]]:

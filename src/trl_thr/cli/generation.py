@@ -114,6 +114,25 @@ def _until_eos(ids: list[int], stop_ids: set[int]) -> list[int]:
     return ids
 
 
+def checkpoint_dtype(model_name_or_path: str) -> str:
+    """The dtype a checkpoint's config.json names (`dtype`, or `torch_dtype` in older configs); float32 if none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return str(dtype).removeprefix("torch.")
+
+
+def vllm_dtype(model_name_or_path: str, dtype: str) -> str:
+    """The dtype the vLLM backend runs: `dtype` as asked, but `auto` on vLLM's CPU platform is the checkpoint's own
+    (vLLM's `auto` runs a float32 checkpoint in bfloat16 there), as `trl-thr train` gives its colocated engine."""
+    from trl_thr._trl_compat import vllm_runs_on_cpu
+
+    if dtype == "auto" and vllm_runs_on_cpu():
+        return checkpoint_dtype(model_name_or_path)
+    return dtype
+
+
 class VLLMGenerator:
     """vLLM's offline engine: the fast path for many samples per problem on GPUs."""
 

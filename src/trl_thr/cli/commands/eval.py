@@ -70,8 +70,16 @@ def parse_args(argv):
 
 
 def make_generate(args, backend, model_path):
-    """`generate(prompt, num_samples, temperature, seed) -> texts` for the chosen backend, and the tokenizer."""
-    from trl_thr.cli.generation import SamplingSettings, TransformersGenerator, VLLMGenerator, load_model_and_tokenizer
+    """`generate(prompt, num_samples, temperature, seed) -> texts` for the chosen backend, the tokenizer, and the
+    dtype the model actually runs in (recorded with the results: `auto` says nothing)."""
+    from trl_thr._trl_compat import vllm_runs_on_cpu
+    from trl_thr.cli.generation import (
+        SamplingSettings,
+        TransformersGenerator,
+        VLLMGenerator,
+        load_model_and_tokenizer,
+        vllm_dtype,
+    )
 
     settings = SamplingSettings(args.temperature, args.top_p, args.max_new_tokens)
     if backend == "vllm":
@@ -80,18 +88,22 @@ def make_generate(args, backend, model_path):
         if args.adapter_name_or_path:
             raise UsageError("the vLLM backend takes merged models: merge the adapter or use backend=transformers.")
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        generator = VLLMGenerator(model_path, tokenizer, seed=args.seed, dtype=args.dtype,
+        dtype = vllm_dtype(model_path, args.dtype)
+        # On a CPU, eager mode skips an inductor compile that takes minutes (as trl-thr train's colocated engine).
+        engine = {"enforce_eager": True} if vllm_runs_on_cpu() else {}
+        generator = VLLMGenerator(model_path, tokenizer, seed=args.seed, dtype=dtype,
                                   gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                                  tensor_parallel_size=args.vllm_tensor_parallel_size)
+                                  tensor_parallel_size=args.vllm_tensor_parallel_size, **engine)
     else:
         model, tokenizer = load_model_and_tokenizer(model_path, args.adapter_name_or_path, args.dtype)
         generator = TransformersGenerator(model, tokenizer, args.batch_size)
+        dtype = str(model.dtype).removeprefix("torch.")
 
     def generate(prompt_text, num_samples, temperature, seed):
         samples = generator.generate(prompt_text, num_samples, replace(settings, temperature=temperature), seed)
         return [sample.text for sample in samples]
 
-    return generate, tokenizer
+    return generate, tokenizer, dtype
 
 
 def fingerprint(model_path: str, adapter: str | None, hashes) -> tuple[dict, dict | None]:
@@ -131,11 +143,12 @@ def evaluate(args) -> dict:
         backend = choose_backend(args.backend)
         if args.adapter_name_or_path is not None and not Path(args.adapter_name_or_path).is_dir():
             raise ValueError(f"adapter_name_or_path={args.adapter_name_or_path}: not found (no such directory).")
-        model_path = resolve_model(args.model_name_or_path,
+        # vLLM runs a builtin model only in its vLLM-ready width (head_dim 64), as trl-thr train builds it.
+        model_path = resolve_model(args.model_name_or_path, for_vllm=backend == "vllm",
                                    needs_tokenizer=not adapter_has_tokenizer(args.adapter_name_or_path))
         if args.adapter_name_or_path is None:
             check_chat_template(model_path, template)
-        generate, tokenizer = make_generate(args, backend, model_path)
+        generate, tokenizer, dtype = make_generate(args, backend, model_path)
         hashes = FileHashes(cache_dir / "file_hashes.json")
         weights, adapter_weights = fingerprint(model_path, args.adapter_name_or_path, hashes)
     except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError: unreadable model files
@@ -145,7 +158,7 @@ def evaluate(args) -> dict:
     settings = EvalSettings(model=args.model_name_or_path, adapter=args.adapter_name_or_path,
                             benchmark=args.benchmark, template=template.describe(), n=args.n_samples,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, backend=backend, dtype=args.dtype,
+                            seed=args.seed, backend=backend, dtype=dtype,
                             batch_size=args.batch_size if backend == "transformers" else None, greedy=args.greedy,
                             problems_digest=problems_digest(questions, golds), weights=weights,
                             adapter_weights=adapter_weights)

@@ -51,6 +51,7 @@ __all__ = [
     "disable_gradient_checkpointing",
     "forward_kwargs",
     "high_entropy_tokens",
+    "shutdown_colocated_vllm",
     "fsdp_needs_gpus",
     "fsdp_requested_but_not_built",
     "full_lm_head",
@@ -335,6 +336,19 @@ class CPUColocateVLLMGeneration(VLLMGeneration):
         head = worker.model_runner.model.lm_head
         head.quant_method.process_weights_after_loading(head)
         self.llm.reset_prefix_cache()
+
+
+def shutdown_colocated_vllm(trainer: GRPOTrainer) -> None:
+    """Shut a colocated vLLM engine down now, while the process groups it uses still exist.
+
+    Left to interpreter exit, vLLM's finalizer (`EngineCore.shutdown` -> `cleanup_dist_env_and_memory`) destroys its
+    groups after accelerate has destroyed them, and a finished run ends with "Exception ignored ... Invalid process
+    group specified". Relies on TRL 1.16's `trainer.vllm_generation.llm` (colocate mode) and vLLM's
+    `LLM.llm_engine.engine_core.shutdown()`, which runs that finalizer once and detaches it.
+    """
+    llm = getattr(getattr(trainer, "vllm_generation", None), "llm", None)
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
 
 
 @contextmanager

@@ -23,6 +23,9 @@ def test_train_with_vllm_from_the_command_line(tmp_path):
     result = run_cli(["train", "--config", TINY, "--output_dir", str(out), "--use_vllm", "true"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Trained 3 steps" in result.stdout
+    # vLLM's engine is shut down while its process groups exist, not by a finalizer at exit after them
+    assert "Exception ignored" not in result.stderr and "Invalid process group" not in result.stderr, \
+        result.stderr[-3000:]
     summary = json.loads((out / "thr_summary.json").read_text())
     assert summary["steps"] == 3
     config = json.loads((tmp_path / "cache" / "models" / "tiny-qwen2-vllm" / "config.json").read_text())

@@ -60,3 +60,32 @@ def test_vllm_scores_the_trainers_weights_after_each_sync(change, vllm_model_pat
     assert largest_gap(llm, model, sequences) > 1e-2, "the change should move the log-probs well beyond 1e-4"
     trainer.vllm_generation.sync_weights()
     assert largest_gap(llm, model, sequences) < 1e-4, f"{change}: {changed}"
+
+
+def test_a_prompt_cached_before_a_sync_is_continued_with_the_new_weights(vllm_model_path, tmp_path):
+    """vLLM caches a prompt's KV blocks; after a sync they hold the old weights' keys and values. A completion
+    sampled from a prompt cached before the sync must be scored by the new weights (the sync resets the cache)."""
+    trainer = colocate_trainer(vllm_model_path, tmp_path)
+    llm, model = trainer.vllm_generation.llm, trainer.model
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, len(trainer.processing_class), (2 * block + 5,), generator=generator).tolist()
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0)
+
+    def continued():
+        (out,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], greedy, use_tqdm=False)
+        (completion,) = out.outputs
+        tokens = list(completion.token_ids)
+        return tokens, torch.tensor([step[token].logprob for step, token in zip(completion.logprobs, tokens)])
+
+    continued()  # fills the prefix cache with the prompt's blocks
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if CHANGES["linear"](name):
+                param.add_(torch.randn(param.shape, generator=generator) * param.abs().mean().clamp_min(0.02))
+    trainer.vllm_generation.sync_weights()
+    tokens, logprobs = continued()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
+    assert (logprobs - expected).abs().max().item() < 1e-4

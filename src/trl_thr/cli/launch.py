@@ -160,6 +160,9 @@ def end_processes(trainer) -> None:
 
     import torch.distributed as dist
 
+    from trl_thr._trl_compat import shutdown_colocated_vllm
+
+    shutdown_colocated_vllm(trainer)  # vLLM's own teardown needs the groups that accelerate is about to destroy
     accelerator = trainer.accelerator
     if accelerator.num_processes == 1:
         accelerator.end_training()  # Trainer.end() in transformers >= 5.18: finishes trackers

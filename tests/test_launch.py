@@ -1,6 +1,7 @@
 """Launch logic (accelerate presets, arguments) and LM-head gathering under sharding, decided on CPU."""
 
 import contextlib
+import sys
 import importlib.resources
 from unittest.mock import patch
 
@@ -219,3 +220,33 @@ def test_training_processes_leave_the_group_together_before_exit(num_processes, 
     end_processes(Trainer)
     assert calls == expected
     assert (Trainer.model_wrapped is Trainer.model) is (num_processes > 1)
+
+
+@pytest.mark.parametrize(
+    "variables, prints",
+    [
+        ({}, True),  # the process the user started
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "2", "RANK": "0", "TRL_THR_LAUNCHER_PID": "123"}, False),
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", "RANK": "1", "TRL_THR_LAUNCHER_PID": "123"}, False),
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "2", "RANK": "0"}, True),  # a plain `accelerate launch`: rank 0 only
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", "RANK": "1"}, False),
+    ],
+)
+def test_an_interruption_is_reported_once_per_run(variables, prints, monkeypatch, capsys):
+    """Ctrl-C reaches the launcher and every launched process: only one of them prints the line."""
+    import types
+
+    from trl_thr import cli
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "TRL_THR_LAUNCHER_PID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "interrupted", ("fake_interrupted_command", ""))
+    monkeypatch.setitem(sys.modules, "fake_interrupted_command", types.SimpleNamespace(main=interrupted))
+    assert cli.run("interrupted", []) == 130
+    assert ("trl-thr interrupted: interrupted:" in capsys.readouterr().err) is prints

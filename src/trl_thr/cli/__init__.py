@@ -163,7 +163,10 @@ def run(command: str, argv: list[str] | None = None) -> int:
         print(f"trl-thr {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ntrl-thr {command}: interrupted: {interrupted_message(module, argv)}", file=sys.stderr)
+        from trl_thr.cli.launch import reports_interruption
+
+        if reports_interruption():  # once per run, not once per launched process
+            print(f"\ntrl-thr {command}: interrupted: {interrupted_message(module, argv)}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     return 0
 

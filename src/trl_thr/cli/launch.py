@@ -86,9 +86,23 @@ def config_distributed_type(name_or_path: str) -> str | None:
         return (yaml.safe_load(file) or {}).get("distributed_type")
 
 
+# Set by `trl-thr train` for the processes it launches: the launcher, not they, reports an interruption.
+LAUNCHER_VARIABLE = "TRL_THR_LAUNCHER_PID"
+
+
 def inside_launched_process() -> bool:
     """Whether this process was started by `accelerate launch`/torchrun (which set the rank variables)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def reports_interruption() -> bool:
+    """Whether this process prints the one line a Ctrl-C gets: the process the user started. Processes that
+    `trl-thr train` launched leave it to their launcher; under a plain `accelerate launch`, rank 0 prints it."""
+    if not inside_launched_process():
+        return True
+    if os.environ.get(LAUNCHER_VARIABLE):
+        return False
+    return os.environ.get("RANK", "0") == "0"
 
 
 def wants_launch(launch: LaunchArguments) -> bool:
@@ -138,6 +152,7 @@ def launch_script(script: str, launch_args: list[str], script_args: list[str]) -
     """Run `accelerate launch <launch_args> <script> <script_args>` and wait for it."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    os.environ[LAUNCHER_VARIABLE] = str(os.getpid())  # inherited by the launched processes
     launch_command(launch_command_parser().parse_args(launch_args + [script] + script_args))
 
 

@@ -28,6 +28,7 @@ import os
 import resource
 import statistics
 import subprocess
+import time
 import sys
 import tempfile
 import types
@@ -195,6 +196,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="training steps per trainer in part 2")
     parser.add_argument("--tiny-hidden-size", type=int, default=64)
     parser.add_argument("--skip-steps", action="store_true", help="only part 1")
+    parser.add_argument("--out", metavar="JSON", help="also write the rows, settings and machine load here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
@@ -206,18 +208,39 @@ def main():
     print(f"| completion tokens | vocab | largest \\|V'\\| of a group | THR kernel (s) |{previous} "
           "LM head log-probs (s) | THR / LM head | peak extra memory (MiB) |")
     print("|---|---|---|---|" + ("---|" if previous else "") + "---|---|---|")
+    import measure
+
+    record = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "load_before": measure.load_averages(), "kernel": [], "steps": {}}
     for length, vocab, distinct, seconds, previous_seconds, head, memory in kernel_table(args):
+        record["kernel"].append(dict(length=length, vocab=vocab, distinct=distinct, thr_seconds=seconds,
+                                     previous_seconds=previous_seconds, lm_head_seconds=head, peak_extra_mib=memory))
         previous = f" {previous_seconds:.3f} |" if previous_seconds is not None else ""
         head, share = ("not measured", "-") if head is None else (f"{head:.3f}", f"{seconds / head:.1%}")
         print(f"| {length} | {vocab} | {distinct} | {seconds:.3f} |{previous} {head} | {share} | {memory:.0f} |")
     if args.skip_steps:
+        write_record(args.out, record)
         return
     print(f"\nTraining step: tiny Qwen2 (d={args.tiny_hidden_size}), 8 completions x 64 tokens, "
           f"{args.steps} steps, first step dropped\n")
     print("| trainer | wall time / step (s) | TRL step_time (s) | THR forward + kernel (s) |")
     print("|---|---|---|---|")
     for name, (wall, step, thr) in step_table(args).items():
+        record["steps"][name] = dict(wall_seconds=wall, step_time=step, thr_seconds=thr)
         print(f"| {name} | {wall:.3f} | {step:.3f} | {thr:.4f} |")
+    write_record(args.out, record)
+
+
+def write_record(path: str | None, record: dict) -> None:
+    """The measurement as JSON (with the load after it), so that the numbers docs quote have a record."""
+    if path is None:
+        return
+    import measure
+
+    from trl_thr.files import write_json_atomically
+
+    write_json_atomically(path, {**record, "load_after": measure.load_averages(),
+                                 "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
 
 
 if __name__ == "__main__":

@@ -248,3 +248,35 @@ def test_named_strategies_sit_at_their_signed_p():
         "positive-amplify": 0.1, "negative-amplify": -0.1, "amplify:-0.3": -0.3}
     legacy = {"train_config": {"thr_strategy": "negative-amplify", "thr_p": 0.1}}  # the earlier records' layout
     assert strategy_and_p(legacy) == ("negative-amplify", -0.1)
+
+
+def test_a_reasoning_gym_task_is_split_by_question(tmp_path):
+    import json as json_module
+
+    from trl_thr.cli.study_recipes import ArithmeticScratchRecipe, prepare_task
+
+    recipe = ArithmeticScratchRecipe.from_dict(dict(task="reasoning-gym:letter_counting", test_problems=20,
+                                                    train_problems=40, sft_problems=60,
+                                                    task_config={"min_words": 5, "max_words": 15}))
+    paths = prepare_task(recipe, tmp_path / "data")
+    splits = {name: [json_module.loads(line) for line in Path(paths[name]).read_text().splitlines()]
+              for name in ("test", "train", "sft")}
+    assert [len(splits[n]) for n in ("test", "train", "sft")] == [20, 40, 60]
+    questions = [row["question"] for rows in splits.values() for row in rows]
+    assert len(set(questions)) == 120 and paths["test_questions_seen_in_training"] == 0
+    assert all(row["answer"].isdigit() for row in splits["test"])
+    assert prepare_task(recipe, tmp_path / "data") == paths  # written once, read again
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"task": "gsm8k"}, "must be 'arithmetic' or 'reasoning-gym:<task>'"),
+     ({"task_config": {"min_words": 3}}, "task_config is for a reasoning-gym task"),
+     ({"task": "reasoning-gym:letter_counting", "split_by": "fact"}, "splits by question"),
+     ({"sft_lr_typo": 1}, "unknown field(s) sft_lr_typo")],
+)
+def test_recipe_fields_are_checked(fields, message):
+    from trl_thr.cli.study_recipes import ArithmeticScratchRecipe
+
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ArithmeticScratchRecipe.from_dict(fields)

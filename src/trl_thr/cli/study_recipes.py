@@ -1,10 +1,11 @@
 """Preparation recipes of `trl-thr study`: data splits and a base model made before any arm trains.
 
-One recipe, `arithmetic-scratch` (docs/science.md section 3): seeded arithmetic questions split so that no test
-question is seen in training or fine-tuning; a small Qwen2 built from scratch with a BPE tokenizer trained on the task
-(or a given model); then supervised fine-tuning on `\\boxed{answer}` completions until a greedy probe accuracy, so
-that the base model half-solves the task before RL. Everything is seeded: the same fields give the same data and the
-same base model on the same software.
+One recipe, `arithmetic-scratch` (docs/science.md section 3): seeded questions split so that no test question is seen
+in training or fine-tuning (arithmetic facts, or a procedural task of reasoning-gym with `task:
+reasoning-gym:<name>`); a small Qwen2 built from scratch with a BPE tokenizer trained on the task (or a given model);
+then supervised fine-tuning on `\\boxed{answer}` completions until a greedy probe accuracy, so that the base model
+half-solves the task before RL. Everything is seeded: the same fields give the same data and the same base model on
+the same software.
 
 A recipe writes `data/{train,test,sft}.jsonl`, `base/` and `base.json` under the study directory; each file is
 written atomically and a finished step is skipped when the study restarts.
@@ -27,6 +28,10 @@ class ArithmeticScratchRecipe:
     """The fields of `prepare: {recipe: arithmetic-scratch, ...}` in a study config."""
 
     model: str = field(default="scratch", metadata={"help": "'scratch' (a small Qwen2 built here) or a model id/path."})
+    task: str = field(default="arithmetic", metadata={
+        "help": "'arithmetic' (facts with operands up to max_operand) or 'reasoning-gym:<task>' (the tasks extra)."})
+    task_config: dict = field(default_factory=dict, metadata={
+        "help": "Keyword arguments of reasoning_gym.create_dataset for a reasoning-gym task (e.g. min_words)."})
     scratch_hidden: int = field(default=128, metadata={"help": "Hidden size of the scratch model."})
     scratch_layers: int = field(default=4, metadata={"help": "Layers of the scratch model."})
     max_operand: int = field(default=20, metadata={"help": "Largest operand of the arithmetic questions."})
@@ -52,6 +57,12 @@ class ArithmeticScratchRecipe:
             raise UsageError(f"prepare: unknown field(s) {', '.join(unknown)} for recipe arithmetic-scratch; known: "
                              f"{', '.join(sorted(known))}.")
         recipe = cls(**values)
+        if recipe.task != "arithmetic" and not recipe.task.startswith("reasoning-gym:"):
+            raise UsageError(f"prepare.task={recipe.task!r} must be 'arithmetic' or 'reasoning-gym:<task>'.")
+        if recipe.task_config and recipe.task == "arithmetic":
+            raise UsageError("prepare.task_config is for a reasoning-gym task; arithmetic takes max_operand.")
+        if recipe.split_by == "fact" and recipe.task != "arithmetic":
+            raise UsageError("prepare.split_by=fact holds out arithmetic facts; a reasoning-gym task splits by question.")
         if recipe.split_by not in ("question", "fact"):
             raise UsageError(f"prepare.split_by={recipe.split_by!r} must be 'question' or 'fact'.")
         for name in ("scratch_hidden", "scratch_layers", "max_operand", "train_problems", "sft_problems",
@@ -125,10 +136,47 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def reasoning_gym_splits(recipe: ArithmeticScratchRecipe) -> dict[str, list[dict]]:
+    """Test, train and fine-tuning questions of a reasoning-gym task: distinct questions, the test ones first, none
+    of them in the other splits."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise UsageError(f"prepare.task={recipe.task} needs reasoning-gym: pip install 'trl-thr[tasks]'.") from None
+    wanted = {"test": recipe.test_problems, "train": recipe.train_problems, "sft": recipe.sft_problems}
+    name = recipe.task.split(":", 1)[1]
+    try:
+        rows = reasoning_gym.create_dataset(name, size=4 * sum(wanted.values()), seed=0, **recipe.task_config)
+    except (ValueError, TypeError, KeyError) as error:
+        raise UsageError(f"prepare.task={recipe.task} with task_config={recipe.task_config}: {error}") from None
+    splits = {split: [] for split in wanted}
+    seen = set()
+    for row in rows:
+        question = row["question"]
+        if question in seen:
+            continue
+        seen.add(question)
+        split = next((s for s in ("test", "train", "sft") if len(splits[s]) < wanted[s]), None)
+        if split is None:
+            break
+        splits[split].append({"question": question, "answer": str(row["answer"])})
+    short = {s: len(splits[s]) for s in wanted if len(splits[s]) < wanted[s]}
+    if short:
+        raise UsageError(f"prepare: {recipe.task} gives only {short} distinct questions of {wanted}; ask for fewer.")
+    return splits
+
+
 def prepare_task(recipe: ArithmeticScratchRecipe, data_dir: Path) -> dict:
     """`{"train", "test", "sft"}` paths of the splits (written once), and how held out the test split is."""
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {"train": data_dir / "train.jsonl", "test": data_dir / "test.jsonl", "sft": data_dir / "sft.jsonl"}
+    if recipe.task != "arithmetic":
+        if not all(p.exists() for p in paths.values()):
+            for name, rows in reasoning_gym_splits(recipe).items():
+                write_text_atomically(paths[name], "".join(json.dumps(row) + "\n" for row in rows))
+        seen = {row["question"] for name in ("train", "sft") for row in read_rows(paths[name])}
+        return {**{k: str(v) for k, v in paths.items()},
+                "test_questions_seen_in_training": sum(r["question"] in seen for r in read_rows(paths["test"]))}
     if recipe.split_by == "fact":
         train_facts, test_facts = arithmetic_splits(recipe.max_operand, recipe.test_fraction)
     else:

@@ -256,8 +256,11 @@ def markdown(result: dict) -> str:
         return "No finished runs yet.\n"
     lines = []
     if result["missing_runs"]:
+        missing = result["missing_runs"]
+        listed = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more (results.json lists them)"
+                                            if len(missing) > 12 else "")
         lines.append(f"**Partial: {len(result['finished_runs'])} of {len(result['planned_runs'])} runs finished; "
-                     f"missing: {', '.join(result['missing_runs'])}.**\n")
+                     f"missing: {listed}.**\n")
     lines.append("Mean ± half-width of the 95 % t-interval over seeds; accuracies in %. For differences and slopes, "
                  "(MDE x) is the minimum detectable effect at 80 % power, given where the interval contains 0.\n")
     training = sorted({k for values in result["arms"].values() for k in values if not is_percent(k)

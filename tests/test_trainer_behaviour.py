@@ -95,7 +95,9 @@ def generate(trainer, model_path):
 def test_positive_and_negative_amplify_give_one_plus_and_minus_abs_p(p, tiny_model_path, tmp_path):
     weights, thrs = {}, {}
     for strategy in ("positive-amplify", "negative-amplify"):
-        trainer = ragged_trainer(tiny_model_path, tmp_path / strategy, thr_strategy=strategy, thr_p=p)
+        # negative-amplify reads p's magnitude whatever its sign; positive-amplify refuses a negative p (test_config)
+        given = abs(p) if strategy == "positive-amplify" else p
+        trainer = ragged_trainer(tiny_model_path, tmp_path / strategy, thr_strategy=strategy, thr_p=given)
         batch, recorder = generate(trainer, tiny_model_path)
         weights[strategy], (thrs[strategy],) = batch["thr_weights"], recorder.outputs
     torch.testing.assert_close(thrs["positive-amplify"], thrs["negative-amplify"])  # same batch, same THR

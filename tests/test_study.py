@@ -280,3 +280,29 @@ def test_recipe_fields_are_checked(fields, message):
 
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ArithmeticScratchRecipe.from_dict(fields)
+
+
+def test_a_command_the_study_started_ends_when_the_study_is_killed(tmp_path):
+    """`trl-thr` commands a study runs ask Linux to end them with the study (no orphan training into a run that
+    another worker then takes over); a process that is not the study's own child is left alone."""
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    child = ("from trl_thr.cli.study import die_with_parent; die_with_parent(); import os, time; "
+             "print(os.getpid(), flush=True); time.sleep(120)")
+    parent = (f"import os, subprocess, sys, time; env = {{**os.environ, 'TRL_THR_STUDY_PID': str(os.getpid())}}; "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env); time.sleep(120)")
+    study = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    child_pid = int(study.stdout.readline())
+    study.kill()
+    study.wait()
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.time() + 20
+    while running(child_pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not running(child_pid)

@@ -428,13 +428,23 @@ def claim(run_dir: Path, timeout: float) -> RunLock | None:
 # ---- running --------------------------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to end it when the study process dies, so that a killed study leaves no
-    orphan training into a run that another worker will take over."""
+# A command the study starts ends when the study process dies (see `die_with_parent`), so that a killed study leaves
+# no orphan training into a run that another worker will take over.
+PARENT_VARIABLE = "TRL_THR_STUDY_PID"
+
+
+def die_with_parent() -> None:
+    """In a `trl-thr` process a study started (`PARENT_VARIABLE` names its parent): ask Linux to end it when that
+    parent dies. Done by the child itself: a `preexec_fn` is unsafe in the study's multithreaded process."""
+    parent = os.environ.get(PARENT_VARIABLE)
+    if parent is None or sys.platform != "linux" or os.getppid() != int(parent):
+        return  # not the study's child (e.g. a process that `accelerate launch` started in turn)
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_command(arguments: list[str], log: Path) -> float:
@@ -445,7 +455,7 @@ def run_command(arguments: list[str], log: Path) -> float:
         handle.write("$ trl-thr " + " ".join(arguments) + "\n")
         handle.flush()
         process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                 env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
     if process.returncode != 0:
         raise RuntimeError(f"`trl-thr {arguments[0]}` exited with {process.returncode}; see {log}")
     return time.time() - started

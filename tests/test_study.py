@@ -19,7 +19,8 @@ from trl import GRPOTrainer
 from trl_thr import THRGRPOTrainer
 from trl_thr.cli import main as cli_main
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli.study import Arm, Study, bind_directory, claim, parse_arm, parse_arms, run_name, run_train_config
+from trl_thr.cli.study import (Arm, Study, base_fingerprint, bind_directory, claim, parse_arm, parse_arms, run_name,
+                               run_train_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STUDY = ROOT / "src" / "trl_thr" / "cli" / "configs" / "study_tiny.yaml"
@@ -194,6 +195,19 @@ def test_a_tiny_study_resumes_and_shares_its_runs_between_workers(tmp_path):
     assert again.returncode == 0 and "4/4 runs done" in output, output
     assert train_invocations(directory) == trained
 
+    # Every run records the weights it started from; a directory whose runs started elsewhere takes no more runs.
+    fingerprint = base_fingerprint("builtin:tiny-qwen2")
+    assert fingerprint and {json.loads(p.read_text())["base_sha256"] for p in (directory / "records").glob("*.json")} \
+        == {fingerprint}
+    (directory / "records" / "grpo-s1.json").unlink()
+    moved = json.loads((directory / "records" / "grpo-s0.json").read_text())
+    (directory / "records" / "grpo-s0.json").write_text(json.dumps({**moved, "base_sha256": "0123456789abcdef"}))
+    elsewhere = start_study(directory)
+    output = elsewhere.communicate(timeout=300)[0]
+    assert elsewhere.returncode == 2 and "records/grpo-s0.json started from a base model with weights " \
+        f"0123456789abcdef, but builtin:tiny-qwen2 now has {fingerprint}" in output, output
+    assert train_invocations(directory) == trained
+
 
 STUDY_CONFIGS = list(dict.fromkeys(path.resolve() for path in [  # examples/configs links study_tiny: once
     *sorted(ROOT.glob("examples/configs/study_*.yaml")), TINY_STUDY, *sorted(ROOT.glob("benchmarks/steering/*/study.yaml"))]))
@@ -232,7 +246,12 @@ def test_a_contrast_names_two_arms(tmp_path, capsys):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     assert study_cli(tmp_path, config=path) == 2
-    assert "contrast 'positive-amplify - dominant-only': write it as 'arm - arm'" in capsys.readouterr().err
+    assert "contrast 'positive-amplify - dominant-only': 'dominant-only' is not an arm of this study" \
+        in capsys.readouterr().err
+    config["contrasts"] = ["positive-amplify-grpo"]
+    path.write_text(yaml.safe_dump(config))
+    assert study_cli(tmp_path, config=path) == 2
+    assert "contrast 'positive-amplify-grpo': write it as 'arm - arm'" in capsys.readouterr().err
 
 
 def test_named_strategies_sit_at_their_signed_p():

@@ -162,3 +162,21 @@ def test_the_committed_dose_study_reads_as_before(tmp_path):
         assert result["slopes"][metric]["per_seed"] == pytest.approx(before["slopes"][metric]["per_seed"])
     assert result["arms"]["grpo"]["greedy_accuracy"]["mean"] == pytest.approx(
         before["arms"]["grpo"]["greedy_accuracy"]["mean"])
+
+
+def test_runs_from_more_than_one_base_are_listed_by_base(tmp_path):
+    """Seeds 0-1 from one base, seed 2 from another: the report lists them; a seed whose runs mix bases is named."""
+    records = [{**record(arm, seed, value), "base_sha256": "aaaa" if seed < 2 else "bbbb"}
+               for seed, arms in GREEDY.items() for arm, value in arms.items()]
+    write_study(tmp_path / "split", records)
+    result = study_report.summarize(tmp_path / "split")
+    assert result["bases"] == {"aaaa": [0, 1], "bbbb": [2]}
+    assert "Runs started from 2 base models (weights' sha256): aaaa: seeds 0, 1; bbbb: seeds 2.** Each seed's runs " \
+        "share one base" in study_report.markdown(result)
+
+    records[0] = {**records[0], "base_sha256": "bbbb"}  # one run of seed 0 from the other base
+    write_study(tmp_path / "mixed", records)
+    assert "Seeds [0] mix bases" in study_report.markdown(study_report.summarize(tmp_path / "mixed"))
+
+    write_study(tmp_path / "one", [{**r, "base_sha256": "aaaa"} for r in records])
+    assert "bases" not in study_report.summarize(tmp_path / "one")

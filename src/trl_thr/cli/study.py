@@ -7,7 +7,8 @@ A study is a directory (`output_dir`):
     base-eval/              the evaluation of the base model, every arm's starting point
     runs/<run>/             one run's working files: train.yaml, model/, eval/ (with its generation cache), log.txt,
                             lock while a worker holds it
-    records/<run>.json      one finished run: its settings, training log history and evaluation metrics
+    records/<run>.json      one finished run: its settings, training log history and evaluation metrics, and the
+                            fingerprint of the base model's weights it started from (`base_sha256`)
     results.json results.md *.png    the report (`study_report`)
 
 A run is named `<arm>-s<seed>` (`:` written `_p`). Its record is written atomically once the run has trained and
@@ -16,6 +17,9 @@ evaluation resumes from its own cache. Workers (threads of one `trl-thr study`, 
 processes on one or more machines sharing the directory) claim a run with its lock file; a worker refreshes its lock
 while it runs, and a lock whose process is gone (same machine) or that has not been refreshed for `lock_timeout`
 seconds (any machine) is taken over.
+
+A recipe's base model is rebuilt bit for bit on the same machine, not on another CPU or library build (float sums
+differ): a study resumed elsewhere without its `base/` would mix runs from two bases, so it is refused.
 """
 
 import ctypes
@@ -177,9 +181,13 @@ def parse_contrasts(contrasts, arms: list[Arm]) -> list[tuple[str, str]]:
     names, parsed = [arm.name for arm in arms], []
     for contrast in contrasts:
         first, minus, second = str(contrast).partition(" - ")
-        if not minus or first.strip() not in names or second.strip() not in names:
+        if not minus:
             raise UsageError(f"contrast {contrast!r}: write it as 'arm - arm' (spaces around '-') with two of the "
                              f"arms {names}.")
+        unknown = [arm for arm in (first.strip(), second.strip()) if arm not in names]
+        if unknown:
+            raise UsageError(f"contrast {contrast!r}: {', '.join(map(repr, unknown))} is not an arm of this study "
+                             f"{names}; add the arm or remove the contrast.")
         parsed.append((first.strip(), second.strip()))
     return parsed
 
@@ -256,6 +264,39 @@ def source_provenance() -> dict:
     return {"trl_thr_version": trl_thr.__version__, "source_commit": commit.stdout.strip() or None,
             "source_uncommitted_changes": bool(status.stdout.strip()) if commit.returncode == 0 else None,
             "source_sha256": digest.hexdigest()[:16]}
+
+
+def base_fingerprint(model: str) -> str | None:
+    """A hash of a local or builtin model's weight files (`*.safetensors`, `*.bin`), or None for a hub model id."""
+    import hashlib
+
+    from .models import BUILTIN_PREFIX, resolve_model
+
+    directory = Path(resolve_model(model) if model.startswith(BUILTIN_PREFIX) else model)
+    weights = sorted(p for p in directory.glob("*") if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        return None
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_same_base(root: Path, model: str, fingerprint: str | None) -> None:
+    """Refuse to add runs to a directory whose finished runs (or base evaluation) started from other weights."""
+    if fingerprint is None:
+        return
+    made = sorted((root / "records").glob("*.json")) + [root / "base-eval" / "base.json"]
+    for path in made:
+        if path.exists() and (other := json.loads(path.read_text()).get("base_sha256")) not in (None, fingerprint):
+            raise UsageError(
+                f"{path.relative_to(root)} started from a base model with weights {other}, but {model} now has "
+                f"{fingerprint}: a recipe's fine-tuning is reproducible on one machine, not across CPUs or library "
+                "builds. Bring the study's base/ directory along with its records, or run the missing seeds in "
+                "another output_dir (--seeds).")
 
 
 # ---- one run's configs ----------------------------------------------------------------------------------------------
@@ -590,7 +631,8 @@ def evaluate_base(study: Study, root: Path) -> dict:
             if not result.exists():
                 metrics, configs, seconds = evaluate(study, study.train["model_name_or_path"], out_dir / "runs",
                                                      "base", out_dir / "log.txt")
-                write_json_atomically(result, {"metrics": metrics, "config": configs, "seconds": round(seconds, 1)})
+                write_json_atomically(result, {"metrics": metrics, "config": configs, "seconds": round(seconds, 1),
+                                               "base_sha256": base_fingerprint(study.train["model_name_or_path"])})
         finally:
             lock.release()
     return json.loads(result.read_text())["metrics"]
@@ -654,7 +696,10 @@ def run_study(study: Study, root: Path, workers: int = 1) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     bind_directory(design, root)
     prepare(study, root)
-    provenance = source_provenance()
+    model = study.train["model_name_or_path"]
+    fingerprint = base_fingerprint(model)
+    check_same_base(root, model, fingerprint)
+    provenance = {**source_provenance(), "base_sha256": fingerprint}
     base = evaluate_base(study, root)
     print(f"[study] base model: greedy {base.get('greedy_accuracy')}, pass@1 {base.get('pass@1')}", flush=True)
     progress = Progress(root, study, workers)

@@ -15,7 +15,9 @@ steps: `reward`, `grad_norm` (before clipping), `clipped_frac` (share of steps w
 - `slopes`: metric -> the per-seed least-squares slope on the signed p over the arms of the longest dose line
   (arms that differ only in `thr_strategy`/`thr_p`, among the amplify strategies and `dominant-only` at p = 0), with
   `arms`, `per_seed`, `seeds`; `slope_lines`: every such line with two or more values of p;
-- `runs`, `finished_runs`, `planned_runs`, `missing_runs`, `base` (the base model's metrics), `seconds`.
+- `runs`, `finished_runs`, `planned_runs`, `missing_runs`, `base` (the base model's metrics), `seconds`;
+- `bases`: only where the runs started from more than one base model: fingerprint of its weights (`base_sha256`,
+  or "not recorded") -> seeds.
 
 Every interval is over seeds; `mde80` is given where an interval contains 0. Records of an earlier layout
 (`runs/<run>.json`, with `train_config` but no `overrides`) are read too.
@@ -191,6 +193,9 @@ def summarize(root: Path) -> dict:
     lines = dose_lines(records)
     result["slope_lines"] = [{**line, "slopes": line_slopes(records, line, keys)} for line in lines]
     result["slopes"] = result["slope_lines"][0]["slopes"] if lines else {}
+    bases = base_seeds(records)
+    if len(bases) > 1:
+        result["bases"] = bases
     for base_path in (root / "base-eval" / "base.json", root / "base-eval.json"):
         if base_path.exists():
             result["base"] = json.loads(base_path.read_text())["metrics"]
@@ -249,6 +254,14 @@ def arms_table(result: dict, keys: list[str]) -> list[str]:
     return lines
 
 
+def base_seeds(records: list[dict]) -> dict[str, list]:
+    """`{fingerprint of the base model's weights (or "not recorded"): the seeds of the runs that started from it}`."""
+    bases: dict[str, set] = {}
+    for record in records:
+        bases.setdefault(record.get("base_sha256") or "not recorded", set()).add(record["seed"])
+    return {base: sorted(seeds) for base, seeds in bases.items()}
+
+
 def markdown(result: dict) -> str:
     """The report as markdown: each arm's mean ± 95 % interval, the paired differences with the reference arm, the
     slopes on p, and every metric."""
@@ -261,6 +274,13 @@ def markdown(result: dict) -> str:
                                             if len(missing) > 12 else "")
         lines.append(f"**Partial: {len(result['finished_runs'])} of {len(result['planned_runs'])} runs finished; "
                      f"missing: {listed}.**\n")
+    if "bases" in result:
+        listed = "; ".join(f"{base}: seeds {', '.join(map(str, seeds))}" for base, seeds in result["bases"].items())
+        shared = [s for s in {s for seeds in result["bases"].values() for s in seeds}
+                  if sum(s in seeds for seeds in result["bases"].values()) > 1]
+        lines.append(f"**Runs started from {len(result['bases'])} base models (weights' sha256): {listed}.** "
+                     + (f"Seeds {sorted(shared)} mix bases: their paired differences compare different starting "
+                        "points.\n" if shared else "Each seed's runs share one base, so paired differences hold.\n"))
     lines.append("Mean ± half-width of the 95 % t-interval over seeds; accuracies in %. For differences and slopes, "
                  "(MDE x) is the minimum detectable effect at 80 % power, given where the interval contains 0.\n")
     training = sorted({k for values in result["arms"].values() for k in values if not is_percent(k)

@@ -89,7 +89,7 @@ display(pd.DataFrame(rows).T)"""),
 Image(filename=str(output_dir / "dynamics.png"))"""),
     new_markdown_cell("""## 3. How to read this before choosing `thr_strategy` and `thr_p`
 
-- **`mean_weight`** is the fraction of the GRPO gradient's token mass an arm keeps. It does not scale the gradient in proportion: the kept tokens carry most of it, and in the dose-response study of docs/science.md (section 3) an arm with mean weight 0.38 (`p = 0`) had 0.94x GRPO's gradient norm, 0.48x at mean weight 0.32 (`p = -0.5`) and 1.44x at 0.45 (`p = +0.5`), measured before clipping. Adam rescales gradients per parameter as well, so the step *size* is close to GRPO's and mostly the *direction* differs; `--dynamics_normalize true` isolates that direction.
+- **`mean_weight`** is the fraction of the GRPO gradient's token mass an arm keeps. It does not scale the gradient in proportion: the kept tokens carry most of it. In the entropy-mask study of docs/science.md (section 6, 16 seeds) `dominant-only` had 0.94x GRPO's gradient norm before clipping, and `p` scaled it: 0.48x at `p = -0.5`, 1.39x at `p = +0.5`. Clipping and Adam then flatten most of that, and turning clipping off changed no arm's held-out accuracy, Pass@32 or entropy detectably (section 4): there the step-size effect of `p` did not reach what a run learned. `--dynamics_normalize true` isolates the direction of a step from its size.
 - **`dlogp_correct` vs `dlogp_incorrect`**: a GRPO step raises the first and lowers the second. `positive-amplify` weights dominant tokens with THR > 0 (whose update helps the group's correct completions) by `1 + |p|` and those with THR < 0 by `1 - |p|`; `negative-amplify` does the opposite. Relative to `dominant-only`, the first is therefore expected to gain more `dlogp_correct` per step and the second less; the paper links the second to exploration (higher entropy, better Pass@K at large K). The table measures whether that holds on your model.
 - **`dentropy`**: a more negative value means the step makes the model more confident on its own samples; the paper's claim is that negative amplification keeps entropy higher.
 - If the paired differences flip sign from batch to batch, a one-step study on this model cannot tell the arms apart: measure with more batches, or compare runs over paired seeds (`trl-thr study`: Pass@K and greedy accuracy with 95 % intervals) before trusting a choice."""),
@@ -102,6 +102,15 @@ for arm, entry in dynamics["arms"].items():
     print(f"{arm:17s} keeps {100 * weight:5.1f} % of GRPO's token weight; its step moves the correct completions' "
           f"log-prob {ratio:.2f} x as far as GRPO's; entropy change {entry['dentropy']['mean']:+.3g} "
           f"(GRPO {grpo['dentropy']['mean']:+.3g})")"""),
+    new_markdown_cell("""## 4. What training studies found (docs/science.md)
+
+One step says which way an arm pushes; only training runs over paired seeds say where it ends up. This project's own studies, at CPU scale (a 0.6 M-parameter model, 200 steps, held-out Pass@K with n = 32), found:
+
+- **THR's mask is mostly TRL's entropy mask.** 86-98 % of THR's dominant tokens are among the 20 % of tokens with the highest entropy (`thr/entropy_overlap`, logged in every THR run), and `dominant-only` ended within 1.3 points of greedy accuracy and 0.5 of Pass@32 of `top_entropy_quantile 0.2` (16 seeds; 4.0 and 2.5 points would have been seen).
+- **No strategy or `p` differed detectably from GRPO** on greedy accuracy or Pass@32, on arithmetic (16 seeds) or on linear equations (8 seeds). `positive-amplify` minus `negative-amplify` on Pass@32 had the paper's sign on both tasks (-0.7 and -3.9 points) inside intervals that contain 0.
+- **`p` changes the rare runs**: entropy blow-ups at `p >= 0`, collapses (completions running to the length limit) at `p = -0.5`; the median run does not move.
+
+The paper's models are three orders of magnitude larger; measure on yours with `trl-thr study` (an `entropy20=thr_strategy:none,top_entropy_quantile:0.2` arm is the baseline to beat)."""),
 ]
 
 

@@ -26,3 +26,16 @@ def test_steering_notebook_executes(tmp_path, monkeypatch):
     (chart_cell,) = [cell for cell in notebook.cells if "dynamics.png" in cell.source]
     images = [o for o in chart_cell.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1 and len(base64.b64decode(images[0]["data"]["image/png"])) > 5_000
+
+
+def test_the_notebook_is_what_its_generator_writes():
+    """examples/notebooks/steering.ipynb is written by benchmarks/steering/make_notebook.py: the same cells, in order
+    (outputs aside), so that an edit to one without the other fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_notebook", NOTEBOOK.parents[2] / "benchmarks" / "steering" / "make_notebook.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert [(c.cell_type, c.source) for c in notebook.cells] == [(c.cell_type, c.source) for c in generator.CELLS]

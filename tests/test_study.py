@@ -287,6 +287,20 @@ def test_a_reasoning_gym_task_is_split_by_question(tmp_path):
     assert prepare_task(recipe, tmp_path / "data") == paths  # written once, read again
 
 
+def test_a_base_record_without_its_base_model_is_refused(tmp_path):
+    """base.json copied without base/ (the weights): one line saying what to copy, not a missing-model error later;
+    with base/ there, the recipe uses it as it is."""
+    from trl_thr.cli.study_recipes import ArithmeticScratchRecipe, prepare
+
+    recipe = ArithmeticScratchRecipe.from_dict(dict(test_problems=8, train_problems=16, sft_problems=16))
+    (tmp_path / "base.json").write_text(json.dumps({"recipe": "arithmetic-scratch"}))
+    with pytest.raises(UsageError, match=r"base.json says the base model was made, but .*base is missing: copy the "
+                                         r"study's base/ directory with base.json, or remove base.json"):
+        prepare(recipe, tmp_path, "chat-boxed-short", 12)
+    (tmp_path / "base").mkdir()
+    assert prepare(recipe, tmp_path, "chat-boxed-short", 12)["model"] == str(tmp_path / "base")
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [({"task": "gsm8k"}, "must be 'arithmetic' or 'reasoning-gym:<task>'"),

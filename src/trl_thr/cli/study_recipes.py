@@ -335,4 +335,9 @@ def prepare(recipe: ArithmeticScratchRecipe, root: Path, prompt_template: str, m
             record["sft"] = supervised_fine_tune(start_dir, root / "base", task, recipe, template, max_new_tokens)
         record["test_questions_seen_in_training"] = task["test_questions_seen_in_training"]
         write_json_atomically(record_path, record)
-    return {**recipe_outputs(recipe, root), "record": json.loads(record_path.read_text())}
+    outputs = recipe_outputs(recipe, root)
+    if not Path(outputs["model"]).is_dir() and (recipe.sft_steps > 0 or recipe.model == "scratch"):
+        raise UsageError(f"{record_path} says the base model was made, but {outputs['model']} is missing: copy the "
+                         f"study's {Path(outputs['model']).name}/ directory with base.json, or remove base.json to "
+                         "build the base again (on another machine it may not be the same base).")
+    return {**outputs, "record": json.loads(record_path.read_text())}

@@ -106,8 +106,8 @@ for arm, entry in dynamics["arms"].items():
 
 One step says which way an arm pushes; only training runs over paired seeds say where it ends up. This project's own studies, at CPU scale (a 0.6 M-parameter model, 200 steps, held-out Pass@K with n = 32), found:
 
-- **THR's mask is mostly TRL's entropy mask.** 86-98 % of THR's dominant tokens are among the 20 % of tokens with the highest entropy (`thr/entropy_overlap`, logged in every THR run), and `dominant-only` ended within 1.3 points of greedy accuracy and 0.5 of Pass@32 of `top_entropy_quantile 0.2` (16 seeds; 4.0 and 2.5 points would have been seen).
-- **No strategy or `p` differed detectably from GRPO** on greedy accuracy or Pass@32, on arithmetic (16 seeds) or on linear equations (8 seeds). `positive-amplify` minus `negative-amplify` on Pass@32 had the paper's sign on both tasks (-0.7 and -3.9 points) inside intervals that contain 0.
+- **THR's mask is mostly TRL's entropy mask.** 88-98 % of THR's dominant tokens are among the 20 % of tokens with the highest entropy (`thr/entropy_overlap`, logged in every THR run), and `dominant-only` ended within 1.3 points of greedy accuracy and 0.5 of Pass@32 of `top_entropy_quantile 0.2` (16 seeds; 4.0 and 2.5 points would have been seen).
+- **No strategy or `p` differed detectably from GRPO** on greedy accuracy or Pass@32, on arithmetic or on linear equations (16 seeds each). `positive-amplify` minus `negative-amplify` on Pass@32 had the paper's sign on both tasks (-0.7 and -1.8 points) inside intervals that contain 0; a hint on the second task's first 8 seeds (-3.9) did not replicate on 8 more.
 - **`p` changes the rare runs**: entropy blow-ups at `p >= 0`, collapses (completions running to the length limit) at `p = -0.5`; the median run does not move.
 
 The paper's models are three orders of magnitude larger; measure on yours with `trl-thr study` (an `entropy20=thr_strategy:none,top_entropy_quantile:0.2` arm is the baseline to beat)."""),

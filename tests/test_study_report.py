@@ -180,3 +180,28 @@ def test_runs_from_more_than_one_base_are_listed_by_base(tmp_path):
 
     write_study(tmp_path / "one", [{**r, "base_sha256": "aaaa"} for r in records])
     assert "bases" not in study_report.summarize(tmp_path / "one")
+
+
+@pytest.mark.parametrize("study, seeds", [("entropy-mask", 16), ("simple-equations", 16)])
+def test_the_committed_section_6_studies_give_what_science_md_quotes(study, seeds):
+    """Each study's records give its committed results.json again, and docs/science.md quotes the primary
+    contrasts as those records give them (mean and interval half-width, in points)."""
+    committed = ROOT / "benchmarks" / "steering" / study
+    if not (committed / "records").is_dir():
+        pytest.skip("the study's per-run records are in the repository, not in the source distribution")
+    result = study_report.summarize(committed)
+    before = json.loads((committed / "results.json").read_text())
+    assert result["missing_runs"] == [] and result["contrasts"] == before["contrasts"]
+    assert {arm: len(s) for arm, s in result["seeds"].items()} == {arm: seeds for arm in result["arms"]}
+    science = (ROOT / "docs" / "science.md").read_text()
+    primary = ["positive-amplify - negative-amplify"]
+    primary += ["dominant-only - entropy20"] if study == "entropy-mask" else []
+    for name in primary:
+        for metric in ("greedy_accuracy", "pass@32"):
+            entry = result["contrasts"][name][metric]
+            mean, half, mde = 100 * entry["mean"], 100 * entry["ci95"], 100 * entry["mde80"]
+            if study == "entropy-mask":  # the primary table gives the interval's ends and the MDE
+                quoted = f"| {mean:+.1f} | [{mean - half:+.1f}, {mean + half:+.1f}] | {mde:.1f} |"
+            else:  # the replication table gives all 16 seeds in its last column
+                quoted = f"| {mean:+.1f} ± {half:.1f} (MDE {mde:.1f}) |\n"
+            assert quoted in science, (name, metric, quoted)

@@ -616,8 +616,8 @@ def worker(study: Study, root: Path, resolved: dict, provenance: dict, progress:
             lock.release()
 
 
-def evaluate_base(study: Study, root: Path) -> dict:
-    """The base model's evaluation (once per study), every arm's starting point."""
+def evaluate_base(study: Study, root: Path, fingerprint: str | None) -> dict:
+    """The base model's evaluation (once per study), every arm's starting point; `fingerprint` is its weights'."""
     out_dir = root / "base-eval"
     result = out_dir / "base.json"
     if not result.exists():
@@ -632,7 +632,7 @@ def evaluate_base(study: Study, root: Path) -> dict:
                 metrics, configs, seconds = evaluate(study, study.train["model_name_or_path"], out_dir / "runs",
                                                      "base", out_dir / "log.txt")
                 write_json_atomically(result, {"metrics": metrics, "config": configs, "seconds": round(seconds, 1),
-                                               "base_sha256": base_fingerprint(study.train["model_name_or_path"])})
+                                               "base_sha256": fingerprint})
         finally:
             lock.release()
     return json.loads(result.read_text())["metrics"]
@@ -700,7 +700,7 @@ def run_study(study: Study, root: Path, workers: int = 1) -> dict:
     fingerprint = base_fingerprint(model)
     check_same_base(root, model, fingerprint)
     provenance = {**source_provenance(), "base_sha256": fingerprint}
-    base = evaluate_base(study, root)
+    base = evaluate_base(study, root, fingerprint)
     print(f"[study] base model: greedy {base.get('greedy_accuracy')}, pass@1 {base.get('pass@1')}", flush=True)
     progress = Progress(root, study, workers)
     print(f"[study] {progress.done()}/{progress.total} runs done; {workers} worker(s) in {root}", flush=True)

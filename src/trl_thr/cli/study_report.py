@@ -25,6 +25,7 @@ Every interval is over seeds; `mde80` is given where an interval contains 0. Rec
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from ..files import write_json_atomically, write_text_atomically
@@ -276,10 +277,10 @@ def markdown(result: dict) -> str:
                      f"missing: {listed}.**\n")
     if "bases" in result:
         listed = "; ".join(f"{base}: seeds {', '.join(map(str, seeds))}" for base, seeds in result["bases"].items())
-        shared = [s for s in {s for seeds in result["bases"].values() for s in seeds}
-                  if sum(s in seeds for seeds in result["bases"].values()) > 1]
+        counts = Counter(seed for seeds in result["bases"].values() for seed in seeds)
+        shared = sorted(seed for seed, count in counts.items() if count > 1)
         lines.append(f"**Runs started from {len(result['bases'])} base models (weights' sha256): {listed}.** "
-                     + (f"Seeds {sorted(shared)} mix bases: their paired differences compare different starting "
+                     + (f"Seeds {shared} mix bases: their paired differences compare different starting "
                         "points.\n" if shared else "Each seed's runs share one base, so paired differences hold.\n"))
     lines.append("Mean ± half-width of the 95 % t-interval over seeds; accuracies in %. For differences and slopes, "
                  "(MDE x) is the minimum detectable effect at 80 % power, given where the interval contains 0.\n")

@@ -1,7 +1,8 @@
-# Two entry points, each sets up .venv on first use:
-#   make demo   the main job: a short THR-GRPO training run on CPU, offline
-#   make test   the test suite
-#   make test-vllm   the real-vLLM tier (tests/real_vllm), in its own environment .venv-vllm (vLLM's CPU build on a CPU)
+# Entry points (make demo and make test set up .venv on first use, make test-vllm its own .venv-vllm):
+#   make demo        the main job: the packaged demo recipe, a short THR-GRPO training run on CPU, offline; each call
+#                    trains it again into outputs/thr-demo
+#   make test        the test suite
+#   make test-vllm   the real-vLLM tier (tests/real_vllm), in .venv-vllm (vLLM's CPU build on a CPU)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -38,7 +39,7 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 demo-install: $(VENV)/.demo-installed
 
 demo: demo-install
-	$(BIN)/trl-thr train --overwrite_output_dir true
+	$(BIN)/trl-thr train --config demo --overwrite_output_dir true
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q

@@ -90,7 +90,19 @@ GRPO_CHOICES = {
 def parse_args(argv: list[str]):
     """`((script, training, model, mixture, launch) args, argv)`; no arguments at all is the demo."""
     argv = split_config_flag(list(argv)) or ["--config", DEMO_CONFIG]
+    check_starting_point(argv)
     return parse_arguments(DATACLASSES, argv, "train"), argv
+
+
+def check_starting_point(argv: list[str]) -> None:
+    """Flags with neither `--config` nor a model start from TRL's defaults, which name no model and train in bf16
+    on a GPU: say what to give instead of the first of TRL's errors that this would reach."""
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    if given & {"--config", "--model_name_or_path", "--help"} or "-h" in argv:
+        return
+    raise UsageError("no --config and no model_name_or_path: flags without --config start from TRL's defaults, not "
+                     "the demo's. Run the demo with `trl-thr train` alone, or with your flags as `trl-thr train "
+                     "--config demo <flags>`; or give --config run.yaml or --model_name_or_path.")
 
 
 def is_demo(argv: list[str]) -> bool:

@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from helpers import tiny_dataset  # noqa: E402
+from helpers import start_study, tiny_dataset, train_invocations  # noqa: E402
 
 from trl_thr.tiny import build_tiny_model  # noqa: E402
 
@@ -66,3 +66,28 @@ def tiny_variant_path(tiny_model_path, tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def local_tiny_study(tmp_path_factory):
+    """The packaged tiny study made by local workers as a user might: one worker is killed (kill -9 on its process
+    group) after its first run, then two start together. What happened, for test_study.py to check, and the finished
+    directory, which other tests read (and copy before changing)."""
+    import os
+    import signal
+    import time
+
+    directory = tmp_path_factory.mktemp("local-tiny-study") / "study"
+    first = start_study(directory)
+    deadline = time.time() + 300
+    while not list((directory / "records").glob("*.json")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    seen = {"directory": directory, "first_output": first.stdout.read(),
+            "finished_first": [path.stem for path in (directory / "records").glob("*.json")],
+            "started_before": train_invocations(directory)}
+    workers = [start_study(directory) for _ in range(2)]
+    seen["outputs"] = [worker.communicate(timeout=600)[0] for worker in workers]
+    seen["returncodes"] = [worker.returncode for worker in workers]
+    return seen

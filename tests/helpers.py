@@ -72,3 +72,24 @@ def launch_two_processes(script, *args, timeout=600, config_file=None):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
                *map(str, args)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# `trl-thr study` as a user starts it, in its own process group (as a terminal's job): test_study*.py.
+TINY_STUDY = Path(__file__).parent.parent / "src" / "trl_thr" / "cli" / "configs" / "study_tiny.yaml"
+
+
+def start_study(directory: Path, *flags: str, config: Path = TINY_STUDY, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "trl_thr", "study", "--config", str(config), "--output_dir",
+                             str(directory), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+
+
+def train_invocations(directory: Path) -> dict[str, int]:
+    """How many times each run of a study directory started `trl-thr train` (from its log)."""
+    return {run.name: (run / "log.txt").read_text().count("$ trl-thr train") for run in (directory / "runs").iterdir()
+            if (run / "log.txt").exists()}

@@ -1,8 +1,9 @@
 """`trl-thr study`: its arms, its refusals, its locks, overrides reaching the trainer, and a whole tiny study run by
-workers that are killed, restarted and run side by side."""
+workers that are killed, interrupted, restarted and run side by side (the SLURM launcher: test_study_slurm.py)."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,17 +14,17 @@ from unittest.mock import patch
 
 import pytest
 import yaml
-from helpers import length_reward, tiny_dataset
+from helpers import TINY_STUDY, length_reward, start_study, tiny_dataset, train_invocations
 from trl import GRPOTrainer
 
 from trl_thr import THRGRPOTrainer
 from trl_thr.cli import main as cli_main
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli.study import (Arm, Study, base_fingerprint, bind_directory, claim, parse_arm, parse_arms, run_name,
+from trl_thr.cli.study import (Arm, Study, base_fingerprint, bind_directory, parse_arm, parse_arms, run_name,
                                run_train_config)
+from trl_thr.cli.study_locks import Held, acquire
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_STUDY = ROOT / "src" / "trl_thr" / "cli" / "configs" / "study_tiny.yaml"
 
 
 @pytest.mark.parametrize(
@@ -66,6 +67,13 @@ def study_cli(tmp_path, *flags, config=TINY_STUDY):
         (["--k_values", "1", "8"], "eval: "),
         (["--reference_arm", "entropy20"], "reference_arm='entropy20' is not one of the arms"),
         (["--bogus_section_field", "1"], "unknown key(s)"),
+        (["--arms", "grpo", "x=seed:5"], "arm 'x' sets seed, which the study sets for every run"),
+        (["--arms", "grpo", "y=thr_strategy:none,output_dir:elsewhere"], "arm 'y' sets output_dir"),
+        (["--seed", "5"], "--seed: the study sets each run's output directory, seed and checkpoints"),
+        (["--launcher", "slurm", "--gpus_per_node", "2"], "launcher.gpus_per_node=2 x nodes=1 = 2 GPUs per job, "
+                                                         "but a run starts num_processes=1 process(es)"),
+        (["--launcher", "slurm", "--time", "1 day"], "launcher.time='1 day' is not a time sbatch reads"),
+        (["--max_retries", "-1"], "launcher.max_retries=-1 must be 0 or more"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_work(flags, message, tmp_path, capsys):
@@ -89,17 +97,34 @@ def test_a_directory_made_with_another_config_is_refused(tmp_path, capsys):
     study = Study(train={**config["train"], "learning_rate": 0.5}, arms=parse_arms(config["arms"]),
                   seeds=[0, 1], evals={"": config["eval"]}, reference_arm="grpo")
     (tmp_path / "study").mkdir()
-    bind_directory(study, tmp_path / "study")
+    bind_directory(study, tmp_path / "study", {})
     assert study_cli(tmp_path) == 2
     error = capsys.readouterr().err
     assert "is a study made with a different config (train.learning_rate: 0.5 -> 0.001)" in error
     # More seeds and more arms extend a study; the arms it has keep their fields.
     bigger = Study(train=study.train, arms=[*study.arms, Arm("dominant-only", {"thr_strategy": "dominant-only"})],
                    seeds=[0, 1, 2], evals=study.evals, reference_arm="grpo")
-    bind_directory(bigger, tmp_path / "study")
+    bind_directory(bigger, tmp_path / "study", {})
     recorded = json.loads((tmp_path / "study" / "study.json").read_text())
     assert recorded["seeds"] == [0, 1, 2] and list(recorded["design"]["arms"]) == [
         "grpo", "positive-amplify", "dominant-only"]
+
+
+def test_a_value_is_compared_as_training_reads_it(tmp_path, capsys):
+    """YAML 1.1 reads `1e-3` as a string; training reads it as 0.001, and so does the comparison with the directory's
+    design. A real difference names its field, not two whole configs."""
+    from trl_thr.cli.commands.study import build_parser, build_study
+    from trl_thr.cli.study import design_differences
+
+    def design(*flags):
+        args, rest = build_parser().parse_known_args(["--config", str(TINY_STUDY), *flags])
+        return build_study(args, rest).design()
+
+    assert design_differences(design(), design("--learning_rate", "1e-3")) == []
+    assert design_differences(design(), design("--learning_rate", "1e-2")) == ["train.learning_rate: 0.001 -> 0.01"]
+    assert design_differences(design(), design("--n_samples", "8")) == ["eval.n_samples: 4 -> 8"]
+    assert design_differences(design(), design("--arms", "grpo", "positive-amplify=thr_strategy:positive-amplify,"
+                                                "thr_p:0.2")) == ["arm positive-amplify.thr_p: None -> 0.2"]
 
 
 def test_arm_fields_reach_the_trainer(tiny_model_path, tmp_path):
@@ -124,89 +149,170 @@ def test_arm_fields_reach_the_trainer(tiny_model_path, tmp_path):
         assert mask.called is masked, arm.name
 
 
-def lock_of(path: Path, host: str, pid: int, age: float = 0.0):
+def lock_of(path: Path, **holder):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "lock").write_text(json.dumps({"host": host, "pid": pid, "token": "t", "since": 0}))
-    if age:
-        os.utime(path / "lock", (time.time() - age, time.time() - age))
+    (path / "lock").write_text(json.dumps({"host": socket.gethostname(), "token": "t", "since": 0, **holder}))
+
+
+def exited_pid() -> int:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
 
 
 def test_a_live_workers_lock_holds_and_a_dead_ones_is_taken_over(tmp_path):
-    held = claim(tmp_path / "a", timeout=600)
-    assert held is not None and claim(tmp_path / "a", timeout=600) is None
+    held = acquire(tmp_path / "a" / "lock")
+    with pytest.raises(Held) as second:
+        acquire(tmp_path / "a" / "lock")
+    assert second.value.checkable and f"process {os.getpid()} on {socket.gethostname()}" in str(second.value)
     held.release()
     assert not (tmp_path / "a" / "lock").exists()
 
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock_of(tmp_path / "b", socket.gethostname(), int(finished.stdout))  # its process has exited
-    taken = claim(tmp_path / "b", timeout=600)
-    assert taken is not None and json.loads((tmp_path / "b" / "lock").read_text())["pid"] == os.getpid()
+    lock_of(tmp_path / "b", pid=exited_pid())  # its process has exited
+    said = []
+    taken = acquire(tmp_path / "b" / "lock", announce=said.append)
+    assert json.loads((tmp_path / "b" / "lock").read_text())["pid"] == os.getpid()
+    assert said and said[0].startswith("b: took over the lock of process ") and said[0].endswith(", which has ended")
     taken.release()
 
-    lock_of(tmp_path / "c", "another-machine", 1, age=60)  # refreshed a minute ago: alive
-    assert claim(tmp_path / "c", timeout=600) is None
-    lock_of(tmp_path / "d", "another-machine", 1, age=900)  # not refreshed for 15 minutes: its worker is gone
-    assert claim(tmp_path / "d", timeout=600) is not None
+    # A live pid that is not the holder's process any more (started at another time) is a recycled pid.
+    lock_of(tmp_path / "c", pid=os.getpid(), process_start="1")
+    acquire(tmp_path / "c" / "lock").release()
 
 
-def start_study(directory: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trl_thr", "study", "--config", str(TINY_STUDY), "--output_dir",
-                             str(directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+def test_a_lock_of_another_machine_is_never_taken_by_its_pid(tmp_path):
+    """Nothing here can tell whether a worker on another machine is alive: its pid means nothing on this one, and
+    an old lock may be a long run's. It is named, with how to release it."""
+    lock_of(tmp_path / "run", host="another-machine", pid=exited_pid(), since=time.time() - 86400)
+    with pytest.raises(Held) as held:
+        acquire(tmp_path / "run" / "lock")
+    assert not held.value.checkable
+    assert "held by process" in str(held.value) and "on another-machine" in str(held.value)
+    assert f"if that worker is gone, delete {tmp_path / 'run' / 'lock'}" in str(held.value)
 
 
-def train_invocations(directory: Path) -> dict[str, int]:
-    return {run.name: (run / "log.txt").read_text().count("$ trl-thr train") for run in (directory / "runs").iterdir()
-            if (run / "log.txt").exists()}
-
-
-def test_a_tiny_study_resumes_and_shares_its_runs_between_workers(tmp_path):
+def test_a_tiny_study_resumes_and_shares_its_runs_between_workers(local_tiny_study, tmp_path):
     """One worker is killed after its first run; two more start together: every run is done once (the killed
-    worker's unfinished run is taken over), the report is written, and running the study again redoes nothing."""
-    directory = tmp_path / "study"
-    first = start_study(directory)
-    deadline = time.time() + 300
-    while not list((directory / "records").glob("*.json")) and time.time() < deadline and first.poll() is None:
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    finished_first = [path.stem for path in (directory / "records").glob("*.json")]
-    assert finished_first == ["grpo-s0"], first.stdout.read()
-    started_before = train_invocations(directory)
-
-    workers = [start_study(directory) for _ in range(2)]
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
-
+    worker's unfinished run is taken over, a run the other worker holds is waited for), the report is written, and
+    running the study again redoes nothing."""
+    directory, seen = local_tiny_study["directory"], local_tiny_study
+    assert seen["finished_first"] == ["grpo-s0"], seen["first_output"]
+    assert seen["returncodes"] == [0, 0], seen["outputs"]
     names = ["grpo-s0", "positive-amplify-s0", "grpo-s1", "positive-amplify-s1"]
     assert sorted(path.stem for path in (directory / "records").glob("*.json")) == sorted(names)
     trained = train_invocations(directory)
     for name in names:  # once, or twice for the run the killed worker had started and not finished
-        assert trained[name] == 1 + started_before.get(name, 0) - (name in finished_first), (name, trained, outputs)
-    assert any("runs done" in output for output in outputs)
+        assert trained[name] == 1 + seen["started_before"].get(name, 0) - (name in seen["finished_first"]), (
+            name, trained, seen["outputs"])
+    # Each run says when it starts training and evaluating, with its log; the counts line follows its end.
+    assert "grpo-s0: training (log " in seen["first_output"] and "grpo-s0: evaluating (log " in seen["first_output"]
+    assert all("4/4 runs done" in output for output in seen["outputs"]), seen["outputs"]
+    assert not list(directory.rglob("lock")), "a finished study leaves no lock"
     results = json.loads((directory / "results.json").read_text())
     assert {arm: values["greedy_accuracy"]["n"] for arm, values in results["arms"].items()} == {
         "grpo": 2, "positive-amplify": 2}
     assert "positive-amplify" in results["vs_grpo"] and results["missing_runs"] == []
 
-    again = start_study(directory)
+    copy = tmp_path / "study"  # the session's directory stays as it is for the other tests
+    shutil.copytree(directory, copy)
+    again = start_study(copy)
     output = again.communicate(timeout=300)[0]
     assert again.returncode == 0 and "4/4 runs done" in output, output
-    assert train_invocations(directory) == trained
+    assert train_invocations(copy) == trained
 
     # Every run records the weights it started from; a directory whose runs started elsewhere takes no more runs.
     fingerprint = base_fingerprint("builtin:tiny-qwen2")
-    assert fingerprint and {json.loads(p.read_text())["base_sha256"] for p in (directory / "records").glob("*.json")} \
+    assert fingerprint and {json.loads(p.read_text())["base_sha256"] for p in (copy / "records").glob("*.json")} \
         == {fingerprint}
-    (directory / "records" / "grpo-s1.json").unlink()
-    moved = json.loads((directory / "records" / "grpo-s0.json").read_text())
-    (directory / "records" / "grpo-s0.json").write_text(json.dumps({**moved, "base_sha256": "0123456789abcdef"}))
-    elsewhere = start_study(directory)
+    (copy / "records" / "grpo-s1.json").unlink()
+    moved = json.loads((copy / "records" / "grpo-s0.json").read_text())
+    (copy / "records" / "grpo-s0.json").write_text(json.dumps({**moved, "base_sha256": "0123456789abcdef"}))
+    elsewhere = start_study(copy)
     output = elsewhere.communicate(timeout=300)[0]
     assert elsewhere.returncode == 2 and "records/grpo-s0.json started from a base model with weights " \
         f"0123456789abcdef, but builtin:tiny-qwen2 now has {fingerprint}" in output, output
-    assert train_invocations(directory) == trained
+    assert train_invocations(copy) == trained
+
+
+def test_records_hold_no_path_of_the_machine(local_tiny_study):
+    """Paths in records, base.json and study.json are relative to the study directory: a study can be moved."""
+    directory = local_tiny_study["directory"]
+    made = [*directory.glob("records/*.json"), directory / "base-eval" / "base.json", directory / "study.json"]
+    for path in made:
+        text = path.read_text()
+        assert str(directory) not in text and str(directory.resolve()) not in text, path
+    record = json.loads((directory / "records" / "grpo-s0.json").read_text())
+    assert record["train_config"]["output_dir"] == "runs/grpo-s0/model"
+    assert record["eval_config"]["model"] == "runs/grpo-s0/model"
+
+
+def test_a_corrupt_record_is_named_with_what_to_do(local_tiny_study, tmp_path, capsys):
+    copy = tmp_path / "study"
+    shutil.copytree(local_tiny_study["directory"], copy)
+    (copy / "records" / "grpo-s1.json").write_text('{"arm": "grpo", "seed": 1, "metri')  # cut short
+    for argv in (["study", "--report", str(copy)], ["study", "--config", str(TINY_STUDY), "--output_dir", str(copy)]):
+        assert cli_main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and f"{copy / 'records' / 'grpo-s1.json'} is not a readable record" \
+            in error and "delete it to do that run again" in error, error
+
+
+def wait_for(condition, timeout: float = 300, process: subprocess.Popen | None = None, what: str = ""):
+    deadline = time.time() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the study ended ({process.returncode}) before {what}: {process.stdout.read()}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def commands_of(directory: Path) -> list[int]:
+    """Processes running a `trl-thr` command on a file of the study in `directory`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                command = (proc / "cmdline").read_bytes().split(b"\0")
+                state = (proc / "status").read_text().split("State:")[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if b"trl_thr" in b" ".join(command) and str(directory).encode() in b" ".join(command) \
+                    and b"study" not in command and state not in ("Z", "X"):
+                found.append(int(proc.name))
+    return found
+
+
+def test_a_study_killed_while_its_command_starts_leaves_no_orphan(tmp_path):
+    """kill -9 on the study in the instant its first command starts (before that command has imported anything):
+    the command ends with it, instead of training on as an orphan beside the next study."""
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    directory = tmp_path / "study"
+    study = start_study(directory)
+    log = directory / "base-eval" / "log.txt"
+    wait_for(lambda: log.exists() and "$ trl-thr eval" in log.read_text(), process=study, what="its first command")
+    wait_for(lambda: commands_of(directory), timeout=10, what="the command's process")
+    study.kill()  # the study alone, as the OOM killer would: not its process group
+    study.wait()
+    time.sleep(3)  # importing trl alone takes longer: a command still alive now is an orphan
+    assert commands_of(directory) == []
+
+
+def test_ctrl_c_stops_the_study_and_releases_its_locks(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while a run trains: exit 130, a line saying what was kept,
+    and no lock left behind for another worker to skip."""
+    directory = tmp_path / "study"
+    study = start_study(directory, "--workers", "2")
+    train_log = directory / "runs" / "grpo-s0" / "log.txt"
+    wait_for(lambda: train_log.exists() and "$ trl-thr train" in train_log.read_text(), process=study,
+             what="a run's training")
+    time.sleep(2)
+    os.killpg(study.pid, signal.SIGINT)
+    output = study.communicate(timeout=120)[0]
+    assert study.returncode == 130, output
+    assert "interrupted:" in output and "their locks released" in output, output
+    assert not list(directory.rglob("lock")), output
+    assert commands_of(directory) == []
 
 
 STUDY_CONFIGS = list(dict.fromkeys(path.resolve() for path in [  # examples/configs links study_tiny: once
@@ -313,29 +419,3 @@ def test_recipe_fields_are_checked(fields, message):
 
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ArithmeticScratchRecipe.from_dict(fields)
-
-
-def test_a_command_the_study_started_ends_when_the_study_is_killed(tmp_path):
-    """`trl-thr` commands a study runs ask Linux to end them with the study (no orphan training into a run that
-    another worker then takes over); a process that is not the study's own child is left alone."""
-    if sys.platform != "linux":
-        pytest.skip("PR_SET_PDEATHSIG is Linux's")
-    child = ("from trl_thr.cli.study import die_with_parent; die_with_parent(); import os, time; "
-             "print(os.getpid(), flush=True); time.sleep(120)")
-    parent = (f"import os, subprocess, sys, time; env = {{**os.environ, 'TRL_THR_STUDY_PID': str(os.getpid())}}; "
-              f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env); time.sleep(120)")
-    study = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
-    child_pid = int(study.stdout.readline())
-    study.kill()
-    study.wait()
-
-    def running(pid):
-        try:
-            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
-        except (FileNotFoundError, IndexError):
-            return False
-
-    deadline = time.time() + 20
-    while running(child_pid) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not running(child_pid)

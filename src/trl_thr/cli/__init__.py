@@ -155,9 +155,6 @@ def run(command: str, argv: list[str] | None = None) -> int:
     was kept and exit status 130."""
     argv = sys.argv[1:] if argv is None else argv
     ignore_upstream_rename_warnings()
-    from trl_thr.cli.study import die_with_parent
-
-    die_with_parent()  # a command `trl-thr study` started ends with the study
     module = None
     try:
         module = importlib.import_module(COMMANDS[command][0])  # inside: importing TRL takes seconds

@@ -1,54 +1,45 @@
-"""`trl-thr study`: train every (arm, seed) with `trl-thr train`, evaluate it with `trl-thr eval`, and compare.
+"""`trl-thr study`: what a study is. Its arms, its seeds, its evaluation sets, and the directory bound to them.
 
 A study is a directory (`output_dir`):
 
-    study.json              the design (train config, arms, evaluation, preparation) and the code that ran it
+    study.json              the design (train config, arms, evaluation, preparation), the study's id and the code
+                            that ran it
     data/ base/ base.json   what a preparation recipe made (`study_recipes`), if the study has one
     base-eval/              the evaluation of the base model, every arm's starting point
     runs/<run>/             one run's working files: train.yaml, model/, eval/ (with its generation cache), log.txt,
-                            lock while a worker holds it
+                            its lock while a worker holds it, and under SLURM its job scripts, outputs and attempts
     records/<run>.json      one finished run: its settings, training log history and evaluation metrics, and the
                             fingerprint of the base model's weights it started from (`base_sha256`)
     results.json results.md *.png    the report (`study_report`)
 
-A run is named `<arm>-s<seed>` (`:` written `_p`). Its record is written atomically once the run has trained and
-been evaluated, so a study killed at any moment resumes by skipping the runs that have a record; an interrupted
-evaluation resumes from its own cache. Workers (threads of one `trl-thr study`, or several `trl-thr study`
-processes on one or more machines sharing the directory) claim a run with its lock file; a worker refreshes its lock
-while it runs, and a lock whose process is gone (same machine) or that has not been refreshed for `lock_timeout`
-seconds (any machine) is taken over.
+A run is named `<arm>-s<seed>` (`:` written `_p`). Paths in records are relative to the study directory, so that a
+study can be moved or committed. The work itself (`study_units`), who holds it (`study_locks`) and where it runs
+(`study_launchers`, `study_coordinator`) live beside this module.
 
 A recipe's base model is rebuilt bit for bit on the same machine, not on another CPU or library build (float sums
 differ): a study resumed elsewhere without its `base/` would mix runs from two bases, so it is refused.
 """
 
-import ctypes
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..files import write_json_atomically, write_text_atomically
+from ..files import write_json_atomically
 from .errors import UsageError
 
 STUDY_FILE = "study.json"
 # Fields every run's train config gets from the study (its own output directory, its seed, and one checkpoint at the
-# end whose trainer_state.json holds the log history); a value the train config gives for them is replaced.
+# end whose trainer_state.json holds the log history): a value the train config gives for them is replaced, and an arm
+# that sets one is refused (its runs would not differ by it).
 STUDY_SET_TRAIN_FIELDS = ("output_dir", "seed", "data_seed", "save_strategy", "save_steps", "save_only_model",
                           "overwrite_output_dir", "resume_from_checkpoint")
 STUDY_SET_EVAL_FIELDS = ("model_name_or_path", "adapter_name_or_path", "output_dir", "run_name", "compare")
 ARM_LABEL = re.compile(r"^[A-Za-z0-9_.+:-]+$")
-HEARTBEAT_SECONDS = 30.0
 
 
 # ---- arms -----------------------------------------------------------------------------------------------------------
@@ -97,8 +88,29 @@ def parse_override_list(arm: str, text: str) -> dict:
         if not colon or not key:
             raise UsageError(f"arm {arm!r}: {item!r} is not key:value (e.g. entropy20=thr_strategy:none,"
                              "top_entropy_quantile:0.2).")
-        overrides[key.strip()] = yaml.safe_load(value.strip())
+        overrides[key.strip()] = read_scalar(value.strip())
     return overrides
+
+
+# YAML 1.1, which PyYAML reads, takes a number in scientific notation without a dot (`1e-3`) for a string; TRL's
+# parser then reads that string as the float it is. Such a value is read as that float here too.
+SCIENTIFIC_WITHOUT_DOT = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
+def read_scalar(text: str):
+    """A value written on the command line, as a YAML scalar (0.2, none, true, [1, 2]) and `1e-3` as a float."""
+    return as_training_reads(yaml.safe_load(text))
+
+
+def as_training_reads(value):
+    """`value` (a config's mapping, list or scalar) with every `1e-3`-like string read as the float it is."""
+    if isinstance(value, dict):
+        return {key: as_training_reads(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_training_reads(item) for item in value]
+    if isinstance(value, str) and SCIENTIFIC_WITHOUT_DOT.match(value.strip()):
+        return float(value)
+    return value
 
 
 def parse_arm(spec, overrides: dict | None = None) -> Arm:
@@ -114,6 +126,10 @@ def parse_arm(spec, overrides: dict | None = None) -> Arm:
     given = dict(overrides or {})
     if equals:
         given.update(parse_override_list(label, written))
+    owned = [key for key in given if key in STUDY_SET_TRAIN_FIELDS]
+    if owned:
+        raise UsageError(f"arm {label!r} sets {', '.join(owned)}, which the study sets for every run (each run's "
+                         "output directory, seed and checkpoint); remove it from the arm (seeds: the seeds section).")
     implied = named_arm_overrides(label, label_only=bool(given))
     if implied is None and not given:
         raise UsageError(f"unknown arm {label!r}: not 'grpo', a thr_strategy or strategy:p; give a labelled arm its "
@@ -160,7 +176,14 @@ class Study:
     reference_arm: str | None = None
     # Paired differences the report gives besides each arm minus the reference arm: ("a", "b") is a - b.
     contrasts: list[tuple[str, str]] = field(default_factory=list)
-    lock_timeout: float = 600.0
+
+    @classmethod
+    def from_design(cls, design: dict, seeds: list[int]) -> "Study":
+        """The study a directory's `study.json` describes (its `design` and `seeds`)."""
+        return cls(train=design["train"], arms=[Arm(name, overrides) for name, overrides in design["arms"].items()],
+                   seeds=seeds, evals=design["evals"], prepare=design.get("prepare"),
+                   reference_arm=design.get("reference_arm"),
+                   contrasts=[tuple(contrast) for contrast in design.get("contrasts", [])])
 
     def design(self) -> dict:
         return json.loads(json.dumps({
@@ -204,31 +227,35 @@ def check_seeds(seeds) -> list[int]:
 
 
 def design_differences(old: dict, new: dict) -> list[str]:
-    """What differs between a directory's design and this one: changed sections or fields, and arms whose fields
-    changed. Arms only in `new` are additions, not differences."""
-    differences = []
-    for section in ("train", "evals", "prepare"):
-        before, after = old.get(section), new.get(section)
+    """What differs between a directory's design and this one, field by field (`train.learning_rate: 0.001 -> 0.01`),
+    comparing values as training reads them. Arms only in `new` are additions, not differences; contrasts are
+    analysis only and may change."""
+    def compare(before, after, where: str) -> list[str]:
+        before, after = as_training_reads(before), as_training_reads(after)
         if isinstance(before, dict) and isinstance(after, dict):
-            for key in sorted(set(before) | set(after)):
-                if before.get(key) != after.get(key):
-                    differences.append(f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}")
-        elif before != after:
-            differences.append(f"{section}: {before!r} -> {after!r}")
+            # The unnamed evaluation set is the config's `eval` section.
+            name = {"": lambda key: "eval" if where == "evals" else where}.get
+            return [difference for key in sorted(set(before) | set(after), key=str)
+                    for difference in compare(before.get(key), after.get(key),
+                                              (name(key) or (lambda key: f"{where}.{key}"))(key))]
+        return [] if before == after else [f"{where}: {before!r} -> {after!r}"]
+
+    differences = []
+    for section in ("train", "evals", "prepare", "reference_arm"):
+        differences += compare(old.get(section), new.get(section), section)
     for arm, fields_ in old.get("arms", {}).items():
-        if arm in new["arms"] and new["arms"][arm] != fields_:
-            differences.append(f"arm {arm}: {fields_!r} -> {new['arms'][arm]!r}")
-    if old.get("reference_arm") != new.get("reference_arm"):  # contrasts may change: they are analysis only
-        differences.append(f"reference_arm: {old.get('reference_arm')!r} -> {new.get('reference_arm')!r}")
+        if arm in new["arms"]:
+            differences += compare(fields_, new["arms"][arm], f"arm {arm}")
     return differences
 
 
-def bind_directory(study: Study, root: Path) -> None:
-    """Write `study.json` in a new study directory, or check that an existing one was made with this design."""
+def bind_directory(study: Study, root: Path, resolved: dict[str, dict]) -> None:
+    """Write `study.json` in a new study directory, or check that an existing one was made with this design.
+    `resolved`: each arm's settings as training reads them (`resolve_arm`), kept for the runs' records."""
     path = root / STUDY_FILE
     design = study.design()
     if path.exists():
-        recorded = json.loads(path.read_text())
+        recorded = read_study_file(root)
         if "design" not in recorded:
             raise UsageError(f"{root} holds a study written by an earlier tool (no design in {STUDY_FILE}); use "
                              "another output_dir, or `trl-thr study --report` to summarise it.")
@@ -238,13 +265,35 @@ def bind_directory(study: Study, root: Path) -> None:
                              "another output_dir, or the config it was made with.")
         arms = {**recorded["design"]["arms"], **design["arms"]}
         seeds = list(dict.fromkeys(recorded.get("seeds", []) + study.seeds))
+        resolved = {**recorded.get("resolved", {}), **resolved}
+        study_id = recorded.get("study_id") or uuid.uuid4().hex[:8]
         if (arms == recorded["design"]["arms"] and seeds == recorded.get("seeds")
-                and design["contrasts"] == recorded["design"].get("contrasts", [])):
+                and design["contrasts"] == recorded["design"].get("contrasts", [])
+                and recorded.get("study_id") and recorded.get("resolved") == resolved):
             return
-        design["arms"] = arms  # contrasts are analysis: the config's replace the recorded ones
+        design = {**recorded["design"], "arms": arms, "contrasts": design["contrasts"]}
     else:
-        seeds = study.seeds
-    write_json_atomically(path, {"design": design, "seeds": seeds, **source_provenance()})
+        seeds, study_id = study.seeds, uuid.uuid4().hex[:8]
+    write_json_atomically(path, {"design": design, "seeds": seeds, "study_id": study_id, "resolved": resolved,
+                                 **source_provenance()})
+
+
+def read_study_file(root: Path) -> dict:
+    """`study.json` of the study directory `root`, or a `UsageError` naming it."""
+    path = root / STUDY_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{root} is not a study directory (no {STUDY_FILE}).") from None
+    except ValueError as error:
+        raise UsageError(f"{path} is not valid JSON ({error}); it is written whole or not at all, so it was edited "
+                         "by hand: restore it from the config the study was made with.") from None
+
+
+def load_design(root: Path) -> Study:
+    """The study a directory is bound to, with every seed it has been given."""
+    recorded = read_study_file(root)
+    return Study.from_design(recorded["design"], recorded["seeds"])
 
 
 def source_provenance() -> dict:
@@ -285,18 +334,44 @@ def base_fingerprint(model: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def read_record(path: Path) -> dict:
+    """A run's record (or a base evaluation's), or a `UsageError` naming a file that cannot be read: records are
+    written whole or not at all, so a broken one was cut or edited outside the study."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise UsageError(f"{path} is not a readable record ({error.__class__.__name__}: {error}); delete it to do "
+                         "that run again (the next `trl-thr study` with the same config redoes it).") from None
+
+
 def check_same_base(root: Path, model: str, fingerprint: str | None) -> None:
     """Refuse to add runs to a directory whose finished runs (or base evaluation) started from other weights."""
     if fingerprint is None:
         return
     made = sorted((root / "records").glob("*.json")) + [root / "base-eval" / "base.json"]
     for path in made:
-        if path.exists() and (other := json.loads(path.read_text()).get("base_sha256")) not in (None, fingerprint):
+        if path.exists() and (other := read_record(path).get("base_sha256")) not in (None, fingerprint):
             raise UsageError(
                 f"{path.relative_to(root)} started from a base model with weights {other}, but {model} now has "
                 f"{fingerprint}: a recipe's fine-tuning is reproducible on one machine, not across CPUs or library "
                 "builds. Bring the study's base/ directory along with its records, or run the missing seeds in "
                 "another output_dir (--seeds).")
+
+
+def portable(value, root: Path):
+    """`value` (a record: mappings, lists, strings) with every path inside the study directory `root` written
+    relative to it, so that a record holds no path of the machine that made it; other strings unchanged."""
+    if isinstance(value, dict):
+        return {key: portable(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item, root) for item in value]
+    if isinstance(value, str) and "/" in value:
+        try:
+            relative = Path(value).resolve().relative_to(root.resolve())
+        except (ValueError, OSError):
+            return value
+        return relative.as_posix() if str(relative) != "." else "."
+    return value
 
 
 # ---- one run's configs ----------------------------------------------------------------------------------------------
@@ -328,15 +403,39 @@ def metric_key(eval_set: str, metric: str) -> str:
     return f"{eval_set}/{metric}" if eval_set else metric
 
 
+def resolve_arm(study: Study, arm: Arm, root: Path) -> dict:
+    """Parse an arm's train config with `trl-thr train`'s own parser (one line naming the arm and the field for a bad
+    key or value); the `thr_strategy`, signed `thr_p` and `max_grad_norm` its runs train with."""
+    import tempfile
+
+    from ..thr import STRATEGIES_USING_P, signed_p
+    from .commands import train as train_command
+
+    seed = study.seeds[0]
+    config = run_train_config(study, arm, seed, root / "runs" / run_name(arm.name, seed))
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "train.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        try:
+            (_, training, model, *_), _ = train_command.parse_args(["--config", str(path)])
+        except UsageError as error:
+            raise UsageError(f"arm {arm.name}: {str(error).replace(str(path), 'its train config')}") from None
+    if "thr_p" in arm.overrides and training.thr_strategy not in STRATEGIES_USING_P:
+        raise UsageError(f"arm {arm.name}: thr_p={arm.overrides['thr_p']} has no effect with thr_strategy="
+                         f"{training.thr_strategy!r}; use one of {', '.join(STRATEGIES_USING_P)}.")
+    if not model.model_name_or_path:
+        raise UsageError("train.model_name_or_path is not set (or use a prepare recipe).")
+    return {"thr_strategy": training.thr_strategy, "thr_p": signed_p(training.thr_strategy, training.thr_p),
+            "max_grad_norm": training.max_grad_norm}
+
+
 def validate(study: Study, root: Path, recipe_makes_benchmark: bool = False) -> dict[str, dict]:
     """Parse every arm's train config and the eval config with the commands' own parsers, before anything trains:
     one line naming the arm and the field for a bad key or value. Returns each arm's `thr_strategy`, signed `thr_p`
     and `max_grad_norm` as training will use them."""
     import tempfile
 
-    from ..thr import STRATEGIES_USING_P, signed_p
     from .commands import eval as eval_command
-    from .commands import train as train_command
 
     if study.reference_arm is not None and study.reference_arm not in [arm.name for arm in study.arms]:
         raise UsageError(f"reference_arm={study.reference_arm!r} is not one of the arms "
@@ -344,25 +443,8 @@ def validate(study: Study, root: Path, recipe_makes_benchmark: bool = False) -> 
     if not study.evals or not all(fields_.get("benchmark") for fields_ in study.evals.values()):
         raise UsageError("no evaluation set: set eval.benchmark in the study config (or --benchmark): a preset "
                          "(math-500, aime24, gsm8k-test, ...), 'arithmetic', or a local JSONL file.")
-    resolved = {}
+    resolved = {arm.name: resolve_arm(study, arm, root) for arm in study.arms}
     with tempfile.TemporaryDirectory() as scratch:
-        for arm in study.arms:
-            config = run_train_config(study, arm, study.seeds[0], root / "runs" / run_name(arm.name, study.seeds[0]))
-            path = Path(scratch) / f"{run_name(arm.name, 0)}.yaml"
-            path.write_text(yaml.safe_dump(config, sort_keys=False))
-            try:
-                (_, training, model, *_), _ = train_command.parse_args(["--config", str(path)])
-            except UsageError as error:
-                message = str(error).replace(str(path), "its train config")
-                raise UsageError(f"arm {arm.name}: {message}") from None
-            if "thr_p" in arm.overrides and training.thr_strategy not in STRATEGIES_USING_P:
-                raise UsageError(f"arm {arm.name}: thr_p={arm.overrides['thr_p']} has no effect with thr_strategy="
-                                 f"{training.thr_strategy!r}; use one of {', '.join(STRATEGIES_USING_P)}.")
-            if not model.model_name_or_path:
-                raise UsageError("train.model_name_or_path is not set (or use a prepare recipe).")
-            resolved[arm.name] = {"thr_strategy": training.thr_strategy,
-                                  "thr_p": signed_p(training.thr_strategy, training.thr_p),
-                                  "max_grad_norm": training.max_grad_norm}
         for eval_set in study.evals:
             where = f"evals.{eval_set}" if eval_set else "eval"
             path = Path(scratch) / "eval.yaml"
@@ -380,280 +462,6 @@ def validate(study: Study, root: Path, recipe_makes_benchmark: bool = False) -> 
                     and not Path(benchmark).is_file()):
                 raise UsageError(f"{where}.benchmark={benchmark}: no such file.")
     return resolved
-
-
-# ---- claiming runs --------------------------------------------------------------------------------------------------
-
-
-class RunLock:
-    """A run's lock file, held while one worker trains and evaluates it; refreshed every `HEARTBEAT_SECONDS`."""
-
-    def __init__(self, path: Path, owner: dict):
-        self.path, self.owner = path, owner
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        if read_lock(self.path) == self.owner:
-            self.path.unlink(missing_ok=True)
-
-
-def read_lock(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def lock_is_stale(path: Path, holder: dict | None, timeout: float) -> bool:
-    """A lock is stale when its process is gone (same machine) or it has not been refreshed for `timeout` s."""
-    try:
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return True
-    if holder is None:  # unreadable: a writer cut short, or one mid-write; only age tells
-        return age > timeout
-    if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, KeyError):
-            pass
-    return age > timeout
-
-
-def claim(run_dir: Path, timeout: float) -> RunLock | None:
-    """Take the run's lock, or `None` if a live worker holds it. A stale lock is moved aside (atomically: of two
-    workers that both find it stale, one moves it) and the lock is then taken as new."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "lock"
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "since": time.time()}
-    for _ in range(3):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = read_lock(path)
-            if not lock_is_stale(path, holder, timeout):
-                return None
-            aside = run_dir / f"lock.stale.{owner['token']}"
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                continue  # another worker moved it first
-            if read_lock(aside) != holder:  # a fresh lock was taken between the read and the move: put it back
-                try:
-                    os.link(aside, path)
-                except FileExistsError:
-                    pass
-                aside.unlink(missing_ok=True)
-                return None
-            aside.unlink(missing_ok=True)
-            print(f"[study] {run_dir.name}: took over the stale lock of {holder}", flush=True)
-            continue
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(json.dumps(owner))
-        return RunLock(path, owner)
-    return None
-
-
-# ---- running --------------------------------------------------------------------------------------------------------
-
-
-# A command the study starts ends when the study process dies (see `die_with_parent`), so that a killed study leaves
-# no orphan training into a run that another worker will take over.
-PARENT_VARIABLE = "TRL_THR_STUDY_PID"
-
-
-def die_with_parent() -> None:
-    """In a `trl-thr` process a study started (`PARENT_VARIABLE` names its parent): ask Linux to end it when that
-    parent dies. Done by the child itself: a `preexec_fn` is unsafe in the study's multithreaded process."""
-    parent = os.environ.get(PARENT_VARIABLE)
-    if parent is None or sys.platform != "linux" or os.getppid() != int(parent):
-        return  # not the study's child (e.g. a process that `accelerate launch` started in turn)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def run_command(arguments: list[str], log: Path) -> float:
-    """Run `trl-thr <arguments>` with its output appended to `log`; seconds taken. A failure raises with the log."""
-    command = [sys.executable, "-m", "trl_thr", *arguments]
-    started = time.time()
-    with log.open("a") as handle:
-        handle.write("$ trl-thr " + " ".join(arguments) + "\n")
-        handle.flush()
-        process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                                 env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
-    if process.returncode != 0:
-        raise RuntimeError(f"`trl-thr {arguments[0]}` exited with {process.returncode}; see {log}")
-    return time.time() - started
-
-
-def train_log_history(model_dir: Path) -> list[dict]:
-    """The log history of a finished training, from its last checkpoint; the checkpoints are then removed (the final
-    model is saved in `model_dir` itself)."""
-    import shutil
-
-    from .run_dir import checkpoints_in
-
-    checkpoints = checkpoints_in(model_dir)
-    if not checkpoints:
-        raise RuntimeError(f"{model_dir}: training finished without a checkpoint to read its log history from.")
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-    for checkpoint in checkpoints:
-        shutil.rmtree(checkpoint)
-    return history
-
-
-def evaluate(study: Study, model: str, out_dir: Path, name: str, log: Path) -> tuple[dict, dict, float]:
-    """`(metrics, eval configs, seconds)` of one model on every evaluation set, through `trl-thr eval` (which
-    resumes from its cache). Metrics of a named set are prefixed with its name."""
-    metrics, configs, seconds = {}, {}, 0.0
-    for eval_set in study.evals:
-        set_dir = out_dir / eval_set if eval_set else out_dir
-        config_path = set_dir / "eval.yaml"
-        set_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(config_path, yaml.safe_dump(eval_config(study, eval_set, model, set_dir, name),
-                                                          sort_keys=False))
-        seconds += run_command(["eval", "--config", str(config_path)], log)
-        result = json.loads((set_dir / f"{name}.json").read_text())
-        metrics.update({metric_key(eval_set, k): v for k, v in result["metrics"].items()})
-        configs[eval_set] = result["config"]
-    return metrics, (configs[""] if list(configs) == [""] else configs), seconds
-
-
-def record_path(root: Path, name: str) -> Path:
-    return root / "records" / f"{name}.json"
-
-
-def run_one(study: Study, root: Path, arm: Arm, seed: int, resolved: dict, provenance: dict) -> dict:
-    """Train and evaluate one (arm, seed) whose lock this worker holds; its record, written atomically."""
-    name = run_name(arm.name, seed)
-    run_dir = root / "runs" / name
-    log = run_dir / "log.txt"
-    train_done = run_dir / "train_done.json"
-    if not train_done.exists():
-        config = run_train_config(study, arm, seed, run_dir, retrain=(run_dir / "model").exists())
-        config_path = run_dir / "train.yaml"
-        write_text_atomically(config_path, yaml.safe_dump(config, sort_keys=False))
-        seconds = run_command(["train", "--config", str(config_path)], log)
-        write_json_atomically(train_done, {"seconds": round(seconds, 1),
-                                           "log_history": train_log_history(run_dir / "model"), "config": config})
-    trained = json.loads(train_done.read_text())
-    metrics, eval_configs, eval_seconds = evaluate(study, str(run_dir / "model"), run_dir / "eval", name, log)
-    record = {
-        "arm": arm.name, "seed": seed, "overrides": arm.overrides, **resolved[arm.name],
-        "train_config": trained["config"], "train_seconds": trained["seconds"], "eval_seconds": round(eval_seconds, 1),
-        "metrics": metrics, "eval_config": eval_configs, "log_history": trained["log_history"],
-        **provenance,
-    }
-    write_json_atomically(record_path(root, name), record)
-    return record
-
-
-class Progress:
-    """Runs done of the whole study (any worker's), and an ETA from this process's own run times."""
-
-    def __init__(self, root: Path, study: Study, workers: int):
-        self.root, self.study, self.workers = root, study, workers
-        self.total = len(study.run_order())
-        self.durations: list[float] = []
-        self.failed: list[str] = []
-        self.lock = threading.Lock()
-
-    def done(self) -> int:
-        return sum(record_path(self.root, run_name(a.name, s)).exists() for a, s in self.study.run_order())
-
-    def report(self, name: str, seconds: float, record: dict | None, error: Exception | None = None) -> None:
-        with self.lock:
-            done = self.done()
-            if record is not None:
-                self.durations.append(seconds)
-                metrics = record["metrics"]
-                outcome = (f"greedy {metrics.get('greedy_accuracy', float('nan')):.3f}, "
-                           f"pass@1 {metrics.get('pass@1', float('nan')):.3f}")
-            else:
-                self.failed.append(name)
-                outcome = f"FAILED ({error})"
-            remaining = self.total - done
-            eta = ""
-            if self.durations and remaining:
-                minutes = sum(self.durations) / len(self.durations) * remaining / self.workers / 60
-                eta = f", ETA {minutes:.0f} min"
-            print(f"[study] {done}/{self.total} runs done{eta}; {name}: {outcome} ({seconds:.0f} s)", flush=True)
-
-
-def worker(study: Study, root: Path, resolved: dict, provenance: dict, progress: Progress) -> None:
-    for arm, seed in study.run_order():
-        name = run_name(arm.name, seed)
-        if record_path(root, name).exists():
-            continue
-        lock = claim(root / "runs" / name, study.lock_timeout)
-        if lock is None:
-            continue
-        started = time.time()
-        try:
-            if record_path(root, name).exists():  # finished by another worker between the check and the claim
-                continue
-            record = run_one(study, root, arm, seed, resolved, provenance)
-            progress.report(name, time.time() - started, record)
-        except RuntimeError as error:
-            progress.report(name, time.time() - started, None, error)
-        finally:
-            lock.release()
-
-
-def evaluate_base(study: Study, root: Path, fingerprint: str | None) -> dict:
-    """The base model's evaluation (once per study), every arm's starting point; `fingerprint` is its weights'."""
-    out_dir = root / "base-eval"
-    result = out_dir / "base.json"
-    if not result.exists():
-        lock = claim(out_dir, study.lock_timeout)
-        while lock is None:  # another worker evaluates it: wait for its result
-            time.sleep(5)
-            if result.exists():
-                return json.loads(result.read_text())["metrics"]
-            lock = claim(out_dir, study.lock_timeout)
-        try:
-            if not result.exists():
-                metrics, configs, seconds = evaluate(study, study.train["model_name_or_path"], out_dir / "runs",
-                                                     "base", out_dir / "log.txt")
-                write_json_atomically(result, {"metrics": metrics, "config": configs, "seconds": round(seconds, 1),
-                                               "base_sha256": fingerprint})
-        finally:
-            lock.release()
-    return json.loads(result.read_text())["metrics"]
-
-
-def prepare(study: Study, root: Path) -> None:
-    """Run the study's preparation recipe (once; other workers wait for it)."""
-    from .study_recipes import parse_recipe
-    from .study_recipes import prepare as run_recipe
-
-    if study.prepare is None:
-        return
-    lock = claim(root / "prepare", study.lock_timeout)
-    while lock is None:
-        time.sleep(5)
-        lock = claim(root / "prepare", study.lock_timeout)
-    try:
-        run_recipe(parse_recipe(study.prepare), root, study.train.get("prompt_template", "qwen-math-boxed"),
-                   study.train.get("max_completion_length", 256))
-    finally:
-        lock.release()
 
 
 def check_prepare_fields(study: Study) -> None:
@@ -680,38 +488,4 @@ def with_recipe_outputs(study: Study, root: Path) -> Study:
     return Study(train={**study.train, "model_name_or_path": made["model"], "dataset_name": made["train"]},
                  arms=study.arms, seeds=study.seeds,
                  evals={name: {**fields_, "benchmark": made["test"]} for name, fields_ in study.evals.items()},
-                 prepare=study.prepare, reference_arm=study.reference_arm, contrasts=study.contrasts,
-                 lock_timeout=study.lock_timeout)
-
-
-def run_study(study: Study, root: Path, workers: int = 1) -> dict:
-    """Prepare, evaluate the base model, run every (arm, seed) not yet recorded with `workers` threads, and write the
-    report. Returns the report's results; raises `RuntimeError` naming the runs that failed."""
-    from .study_report import write_report
-
-    check_prepare_fields(study)
-    # The directory is bound to the config as written; the recipe's paths depend on where the directory is.
-    design, study = study, with_recipe_outputs(study, root)
-    resolved = validate(study, root, recipe_makes_benchmark=study.prepare is not None)
-    root.mkdir(parents=True, exist_ok=True)
-    bind_directory(design, root)
-    prepare(study, root)
-    model = study.train["model_name_or_path"]
-    fingerprint = base_fingerprint(model)
-    check_same_base(root, model, fingerprint)
-    provenance = {**source_provenance(), "base_sha256": fingerprint}
-    base = evaluate_base(study, root, fingerprint)
-    print(f"[study] base model: greedy {base.get('greedy_accuracy')}, pass@1 {base.get('pass@1')}", flush=True)
-    progress = Progress(root, study, workers)
-    print(f"[study] {progress.done()}/{progress.total} runs done; {workers} worker(s) in {root}", flush=True)
-    threads = [threading.Thread(target=worker, args=(study, root, resolved, provenance, progress))
-               for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    results = write_report(root)
-    if progress.failed:
-        raise RuntimeError(f"{len(progress.failed)} run(s) failed: {', '.join(progress.failed)}; each run's log.txt "
-                           "says why. Rerun the same command to retry them (finished runs are kept).")
-    return results
+                 prepare=study.prepare, reference_arm=study.reference_arm, contrasts=study.contrasts)

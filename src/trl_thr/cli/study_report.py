@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..files import write_json_atomically, write_text_atomically
+from .study import read_record, read_study_file, run_name
 from .study_stats import mean_interval, paired_difference, slope_interval
 
 FINAL_STEPS = 10  # the final entropy is the mean over this many last logged steps
@@ -106,12 +107,12 @@ def load_records(root: Path) -> list[dict]:
     `runs/<run>/record.json`."""
     paths = (sorted((root / "records").glob("*.json")) or sorted((root / "runs").glob("*.json"))
              or sorted((root / "runs").glob("*/record.json")))
-    return [json.loads(path.read_text()) for path in paths]
+    return [read_record(path) for path in paths]
 
 
 def read_design(root: Path) -> tuple[list[str], list[int], str | None, dict]:
     """`(arms, seeds, reference arm, design)` from `study.json` (or an earlier layout's `args`)."""
-    study = json.loads((root / "study.json").read_text())
+    study = read_study_file(root)
     if "design" in study:
         design = study["design"]
         return list(design["arms"]), study["seeds"], design.get("reference_arm"), design
@@ -161,8 +162,8 @@ def summarize(root: Path) -> dict:
     arms = [a for a in planned_arms if a in by_arm] + sorted(set(by_arm) - set(planned_arms))
     metrics_of = {(r["arm"], r["seed"]): run_metrics(r) for r in records}
     keys = sorted({k for values in metrics_of.values() for k in values}, key=metric_order)
-    planned = [f"{a.replace(':', '_p')}-s{s}" for s in seeds for a in planned_arms]
-    finished = sorted(f"{r['arm'].replace(':', '_p')}-s{r['seed']}" for r in records)
+    planned = [run_name(a, s) for s in seeds for a in planned_arms]
+    finished = sorted(run_name(r["arm"], r["seed"]) for r in records)
     result = {
         "design": {**design, "arms_resolved": {}, "seeds": seeds, "reference_arm": reference,
                    "final_entropy_steps": FINAL_STEPS},
@@ -199,7 +200,7 @@ def summarize(root: Path) -> dict:
         result["bases"] = bases
     for base_path in (root / "base-eval" / "base.json", root / "base-eval.json"):
         if base_path.exists():
-            result["base"] = json.loads(base_path.read_text())["metrics"]
+            result["base"] = read_record(base_path)["metrics"]
             break
     return result
 

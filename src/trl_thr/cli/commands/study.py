@@ -24,16 +24,28 @@ A study config (YAML) has these sections; flags override them:
 
 Each run trains with `trl-thr train` (so `num_processes` and `accelerate_config` work as there) into
 `<output_dir>/runs/<arm>-s<seed>/model`, with its own output_dir, seed and data_seed and one checkpoint at the end
-(set by the study), and is evaluated with `trl-thr eval`. Its record (`records/<run>.json`) is written atomically: a
-killed study resumes with the same command, skipping finished runs. Several workers (`--workers`, or several
-`trl-thr study` processes on machines sharing the directory) claim runs with lock files; the lock of a dead worker
-is taken over. At the end (and with `--report`), `results.json`, `results.md` and plots are written: each arm's mean
-and 95 % t-interval per metric, each arm minus the reference arm paired by seed, slopes on p, and the minimum
-detectable effect at 80 % power for intervals that contain 0 (docs/cli.md, "trl-thr study").
+(set by the study: an arm may not set them), and is evaluated with `trl-thr eval`. Its record (`records/<run>.json`)
+is written atomically: a killed study resumes with the same command, skipping finished runs. At the end (and with
+`--report`), `results.json`, `results.md` and plots are written: each arm's mean and 95 % t-interval per metric, each
+arm minus the reference arm paired by seed, slopes on p, and the minimum detectable effect at 80 % power for
+intervals that contain 0 (docs/cli.md, "trl-thr study").
+
+Where runs go (`launcher:` section, or flags of the same names):
+
+    --launcher local    the default: `--workers` runs at a time on this machine
+    --launcher slurm    one SLURM job per run (and per preparation and base evaluation), with the section's
+                        resources (partition, account, qos, time, nodes, gpus_per_node, cpus_per_task, mem,
+                        sbatch_options, setup, python); this command watches them, starts a failed, cancelled or
+                        preempted job again (up to --max_retries), and writes the report. Stopped, it leaves the jobs
+                        running; the same command again watches them and goes on. --cancel cancels them.
+
+    trl-thr study --config study.yaml --output_dir runs/s --launcher slurm --partition gpu --dry_run
 """
 
 import argparse
 import sys
+import typing
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -41,7 +53,7 @@ import yaml
 from trl_thr.cli import check_config_file, resolve_config, run
 from trl_thr.cli.errors import UsageError
 
-SECTIONS = ("train", "arms", "seeds", "reference_arm", "contrasts", "eval", "evals", "prepare")
+SECTIONS = ("train", "arms", "seeds", "reference_arm", "contrasts", "eval", "evals", "prepare", "launcher")
 EVAL_FLAGS = ("benchmark", "n_samples", "k_values", "backend", "max_problems")
 
 
@@ -53,9 +65,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="trl-thr study", description=__doc__,
+    from trl_thr.cli.study_launchers import LauncherConfig
+
+    # No prefix matching: an unknown flag goes to the train section, never to a study flag it abbreviates (`--seed 5`
+    # is not `--seeds 5`).
+    parser = OneLineParser(prog="trl-thr study", description=__doc__, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="YAML", help="Study config: train, arms, seeds, eval, prepare sections.")
+    parser.add_argument("--config", metavar="YAML", help="Study config: train, arms, seeds, eval, prepare, launcher "
+                        "sections.")
     parser.add_argument("--output_dir", help="The study directory (created; a restart with the same config resumes).")
     parser.add_argument("--report", metavar="DIR", help="Only write the report of the study in DIR, from its records.")
     parser.add_argument("--train_config", metavar="YAML", help="A `trl-thr train` config, used as the train section.")
@@ -71,34 +88,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_processes", type=int, help="Processes per training run, as in `trl-thr train`.")
     parser.add_argument("--accelerate_config", help="accelerate preset or file per training run, as in `trl-thr "
                         "train`.")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="Runs at a time in this process (default 1); more processes may share output_dir.")
-    parser.add_argument("--lock_timeout", type=float, default=600.0,
-                        help="Seconds after which a run's lock that its worker stopped refreshing is taken over "
-                             "(workers on other machines; on this one a dead worker's lock is taken at once).")
+    parser.add_argument("--dry_run", action="store_true", help="Print the units still to do, the command and "
+                        "resources of each and the estimated GPU-hours; submit and write nothing.")
+    parser.add_argument("--seconds_per_step", type=float, help="For --dry_run's estimate: seconds of one training "
+                        "step on a run's GPUs (default: from a finished run of the directory).")
+    parser.add_argument("--cancel", action="store_true", help="Cancel the study's queued and running SLURM jobs.")
+    parser.add_argument("--run", metavar="UNIT", help="Do one unit of the study in --output_dir, as its study.json "
+                        "says (prepare, base or a run name): what a SLURM job runs.")
+    launcher = parser.add_argument_group("launcher (the launcher: section's fields; --launcher is its type)")
+    for spec in fields(LauncherConfig):
+        flag = "--launcher" if spec.name == "type" else f"--{spec.name}"
+        if typing.get_origin(spec.type) is list:  # one item per flag: --sbatch_options=--exclusive
+            launcher.add_argument(flag, dest=f"launcher_{spec.name}", action="append", metavar="ITEM",
+                                  help=spec.metadata["help"] + " On the command line, one item per flag.")
+            continue
+        kind = next(kind for kind in typing.get_args(spec.type) or (spec.type,) if kind is not type(None))
+        launcher.add_argument(flag, dest=f"launcher_{spec.name}", type=kind, metavar=spec.name.upper(),
+                              choices=spec.metadata.get("choices"), help=spec.metadata["help"])
     return parser
 
 
 def train_flags(rest: list[str]) -> dict:
     """`--field value [value ...]` flags for the train section (TRL's names), read as YAML scalars."""
-    fields, key = {}, None
+    from trl_thr.cli.study import read_scalar
+
+    values, key = {}, None
     for token in rest:
         if token.startswith("--"):
             key = token[2:].replace("-", "_")
             if "=" in key:
                 key, value = key.split("=", 1)
-                fields[key] = yaml.safe_load(value)
+                values[key] = read_scalar(value)
                 key = None
             else:
-                fields[key] = True  # a bare boolean flag, unless values follow
+                values[key] = True  # a bare boolean flag, unless values follow
         elif key is None:
             raise UsageError(f"unexpected argument {token!r}: train fields are given as --field value.")
         else:
-            value = yaml.safe_load(token)
-            previous = fields[key]
-            fields[key] = value if previous is True else (previous if isinstance(previous, list) else [previous]) \
+            value = read_scalar(token)
+            previous = values[key]
+            values[key] = value if previous is True else (previous if isinstance(previous, list) else [previous]) \
                 + [value]
-    return fields
+    return values
 
 
 def read_yaml(path: str, what: str) -> dict:
@@ -109,7 +140,7 @@ def read_yaml(path: str, what: str) -> dict:
 
 def build_study(args, rest: list[str]):
     """The `Study` of the config file and flags, with every section checked."""
-    from trl_thr.cli.study import Study, check_seeds, parse_arms, parse_contrasts
+    from trl_thr.cli.study import STUDY_SET_TRAIN_FIELDS, Study, check_seeds, parse_arms, parse_contrasts
 
     config = read_yaml(args.config, "study config") if args.config else {}
     unknown = sorted(set(config) - set(SECTIONS))
@@ -124,7 +155,12 @@ def build_study(args, rest: list[str]):
         train = read_yaml(args.train_config, "train config")
     if not isinstance(train, dict):
         raise UsageError("train must be a mapping of `trl-thr train` fields, or the path of a YAML file of them.")
-    train = {**train, **train_flags(rest)}
+    flags = train_flags(rest)
+    owned = [f"--{key}" for key in flags if key in STUDY_SET_TRAIN_FIELDS]
+    if owned:
+        raise UsageError(f"{', '.join(owned)}: the study sets each run's output directory, seed and checkpoints; "
+                         "give the seeds with --seeds and the study directory with --output_dir.")
+    train = {**train, **flags}
     for name in ("num_processes", "accelerate_config"):
         if getattr(args, name) is not None:
             train[name] = getattr(args, name)
@@ -133,8 +169,8 @@ def build_study(args, rest: list[str]):
     evals = config.get("evals") or {"": config.get("eval") or {}}
     if not isinstance(evals, dict) or not all(isinstance(v, dict) for v in evals.values()):
         raise UsageError("eval must be a mapping of `trl-thr eval` fields (evals: a mapping name -> fields).")
-    flags = {name: getattr(args, name) for name in EVAL_FLAGS if getattr(args, name) is not None}
-    evals = {name: {**fields, **flags} for name, fields in evals.items()}
+    eval_flags = {name: getattr(args, name) for name in EVAL_FLAGS if getattr(args, name) is not None}
+    evals = {name: {**set_fields, **eval_flags} for name, set_fields in evals.items()}
     arms = args.arms if args.arms is not None else config.get("arms")
     if arms is None:
         raise UsageError("no arms: give --arms or an arms section (e.g. grpo positive-amplify negative-amplify).")
@@ -149,12 +185,24 @@ def build_study(args, rest: list[str]):
     if prepare is not None and not isinstance(prepare, dict):
         raise UsageError("prepare must be a mapping with a recipe field (e.g. recipe: arithmetic-scratch).")
     return Study(train=train, arms=parsed_arms, seeds=check_seeds(seeds), evals=evals, prepare=prepare,
-                 reference_arm=reference, contrasts=parse_contrasts(config.get("contrasts", []), parsed_arms),
-                 lock_timeout=args.lock_timeout)
+                 reference_arm=reference, contrasts=parse_contrasts(config.get("contrasts", []), parsed_arms))
+
+
+def build_launcher(args):
+    """The `LauncherConfig` of the config's `launcher:` section and the launcher flags (which override it)."""
+    from trl_thr.cli.study_launchers import LauncherConfig
+
+    config = read_yaml(args.config, "study config") if args.config else {}
+    section = config.get("launcher") or {}
+    if not isinstance(section, dict):
+        raise UsageError("launcher must be a mapping of launcher fields (type: slurm, partition: ..., ...).")
+    given = {name: value for name in LauncherConfig.field_names()
+             if (value := getattr(args, f"launcher_{name}")) is not None}
+    return LauncherConfig.from_dict({**section, **given})
 
 
 def main(argv=None):
-    from trl_thr.cli.study import run_study
+    from trl_thr.cli.study_coordinator import cancel_study, dry_run, run_study
     from trl_thr.cli.study_report import markdown, write_report
 
     args, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -165,15 +213,42 @@ def main(argv=None):
         return None
     if args.output_dir is None:
         raise UsageError("set --output_dir, the study directory.")
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: give 1 or more.")
+    root = Path(args.output_dir)
+    if args.run is not None:
+        from trl_thr.cli.study_locks import Held
+        from trl_thr.cli.study_units import execute_in_job
+
+        try:
+            execute_in_job(root, args.run)
+        except Held as held:
+            raise UsageError(f"--run {args.run}: {held.sentence()}.") from None
+        except RuntimeError as error:  # a command of the unit failed: its log says why
+            raise UsageError(f"--run {args.run}: {error}") from None
+        return None
+    launcher = build_launcher(args)
+    if args.cancel:
+        if not (root / "study.json").is_file():
+            raise UsageError(f"--cancel: {root} is not a study directory (no study.json).")
+        cancelled = cancel_study(root, launcher)
+        print(f"[study] cancelled {len(cancelled)} job(s){': ' + ' '.join(cancelled) if cancelled else ''}")
+        return None
     study = build_study(args, rest)
+    if args.dry_run:
+        from trl_thr.cli.study import check_prepare_fields, validate, with_recipe_outputs
+        from trl_thr.cli.study_coordinator import check_resources
+
+        check_prepare_fields(study)
+        prepared = with_recipe_outputs(study, root)
+        validate(prepared, root, recipe_makes_benchmark=study.prepare is not None)
+        check_resources(launcher, prepared)
+        print(dry_run(prepared, root, launcher, args.seconds_per_step))
+        return None
     try:
-        results = run_study(study, Path(args.output_dir), workers=args.workers)
+        results = run_study(study, root, launcher)
     except RuntimeError as error:
         raise UsageError(str(error)) from error
     print(markdown(results))
-    print(f"Report: {Path(args.output_dir) / 'results.md'} (and results.json, *.png)")
+    print(f"Report: {root / 'results.md'} (and results.json, *.png)")
     return results
 
 

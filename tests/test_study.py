@@ -20,8 +20,16 @@ from trl import GRPOTrainer
 from trl_thr import THRGRPOTrainer
 from trl_thr.cli import main as cli_main
 from trl_thr.cli.errors import UsageError
-from trl_thr.cli.study import (Arm, Study, base_fingerprint, bind_directory, parse_arm, parse_arms, run_name,
-                               run_train_config)
+from trl_thr.cli.study import (
+    Arm,
+    Study,
+    base_fingerprint,
+    bind_directory,
+    parse_arm,
+    parse_arms,
+    run_name,
+    run_train_config,
+)
 from trl_thr.cli.study_locks import Held, acquire
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,7 +324,8 @@ def test_ctrl_c_stops_the_study_and_releases_its_locks(tmp_path):
 
 
 STUDY_CONFIGS = list(dict.fromkeys(path.resolve() for path in [  # examples/configs links study_tiny: once
-    *sorted(ROOT.glob("examples/configs/study_*.yaml")), TINY_STUDY, *sorted(ROOT.glob("benchmarks/steering/*/study.yaml"))]))
+    *sorted(ROOT.glob("examples/configs/study_*.yaml")), TINY_STUDY,
+    *sorted(ROOT.glob("benchmarks/steering/*/study.yaml"))]))
 
 
 @pytest.mark.parametrize("config", STUDY_CONFIGS, ids=lambda path: str(path.relative_to(ROOT)))

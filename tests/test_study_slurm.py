@@ -246,3 +246,21 @@ def test_a_job_script_is_what_sbatch_reads(tmp_path):
         "exec python -m trl_thr study --output_dir runs/paper --run grpo-s0"]
     syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
+
+
+def test_a_job_of_several_nodes_trains_on_each(monkeypatch):
+    """With nodes: 2, the unit's training is one srun task per node, each accelerate's machine $SLURM_NODEID, machine
+    0 being the batch script's node (a one-node cluster runs only the single-node path of this)."""
+    from trl_thr.cli.study_units import across_nodes
+
+    monkeypatch.delenv("SLURM_JOB_NUM_NODES", raising=False)
+    assert across_nodes(["train", "--config", "t.yaml"]) is None
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu-017")
+    assert across_nodes(["train", "--config", "runs/x/train.yaml"]) == [
+        "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "bash", "-c",
+        f"exec {sys.executable} -m trl_thr train --config runs/x/train.yaml --num_machines 2 "
+        '--main_process_ip gpu-017 --machine_rank "$SLURM_NODEID"']
+    shown = subprocess.run(["bash", "-c", across_nodes(["train"])[-1].replace("exec ", "echo ", 1)],
+                           env={**os.environ, "SLURM_NODEID": "1"}, capture_output=True, text=True)
+    assert shown.stdout.split()[-2:] == ["--machine_rank", "1"]

@@ -403,9 +403,15 @@ def metric_key(eval_set: str, metric: str) -> str:
     return f"{eval_set}/{metric}" if eval_set else metric
 
 
-def resolve_arm(study: Study, arm: Arm, root: Path) -> dict:
+# Fields whose check depends on the machine that parses them (TrainingArguments refuses bf16 where no GPU supports it):
+# set so when a study's runs train on other machines (a SLURM cluster's nodes) than the one checking their configs.
+ANY_MACHINE = {"use_cpu": True, "bf16": False, "fp16": False, "tf32": None}
+
+
+def resolve_arm(study: Study, arm: Arm, root: Path, trains_here: bool = True) -> dict:
     """Parse an arm's train config with `trl-thr train`'s own parser (one line naming the arm and the field for a bad
-    key or value); the `thr_strategy`, signed `thr_p` and `max_grad_norm` its runs train with."""
+    key or value); the `thr_strategy`, signed `thr_p` and `max_grad_norm` its runs train with. `trains_here=False`
+    leaves out the checks that depend on this machine's hardware (`ANY_MACHINE`): the runs' own nodes make them."""
     import tempfile
 
     from ..thr import STRATEGIES_USING_P, signed_p
@@ -413,6 +419,8 @@ def resolve_arm(study: Study, arm: Arm, root: Path) -> dict:
 
     seed = study.seeds[0]
     config = run_train_config(study, arm, seed, root / "runs" / run_name(arm.name, seed))
+    if not trains_here:
+        config.update(ANY_MACHINE)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "train.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -429,7 +437,8 @@ def resolve_arm(study: Study, arm: Arm, root: Path) -> dict:
             "max_grad_norm": training.max_grad_norm}
 
 
-def validate(study: Study, root: Path, recipe_makes_benchmark: bool = False) -> dict[str, dict]:
+def validate(study: Study, root: Path, recipe_makes_benchmark: bool = False,
+             trains_here: bool = True) -> dict[str, dict]:
     """Parse every arm's train config and the eval config with the commands' own parsers, before anything trains:
     one line naming the arm and the field for a bad key or value. Returns each arm's `thr_strategy`, signed `thr_p`
     and `max_grad_norm` as training will use them."""
@@ -443,7 +452,7 @@ def validate(study: Study, root: Path, recipe_makes_benchmark: bool = False) -> 
     if not study.evals or not all(fields_.get("benchmark") for fields_ in study.evals.values()):
         raise UsageError("no evaluation set: set eval.benchmark in the study config (or --benchmark): a preset "
                          "(math-500, aime24, gsm8k-test, ...), 'arithmetic', or a local JSONL file.")
-    resolved = {arm.name: resolve_arm(study, arm, root) for arm in study.arms}
+    resolved = {arm.name: resolve_arm(study, arm, root, trains_here) for arm in study.arms}
     with tempfile.TemporaryDirectory() as scratch:
         for eval_set in study.evals:
             where = f"evals.{eval_set}" if eval_set else "eval"

@@ -15,8 +15,16 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import UsageError
-from .study import (Study, bind_directory, check_prepare_fields, check_same_base, read_record, read_study_file, validate,
-                    with_recipe_outputs)
+from .study import (
+    Study,
+    bind_directory,
+    check_prepare_fields,
+    check_same_base,
+    read_record,
+    read_study_file,
+    validate,
+    with_recipe_outputs,
+)
 from .study_launchers import LauncherConfig, make_launcher
 from .study_locks import Held, acquire, blocking, describe
 from .study_units import BASE, PREPARE, Unit, base_unit, prepare_unit, run_units, say, unit_provenance, units_of
@@ -273,8 +281,9 @@ def dry_run(study: Study, root: Path, config: LauncherConfig, seconds_per_step: 
         lines += [f"  {unit.name}" for unit in todo]
     if runs:
         launch = {k: study.train[k] for k in ("num_processes", "accelerate_config") if study.train.get(k)}
-        lines.append(f"A run: trl-thr train --config runs/<run>/train.yaml{''.join(f' --{k} {v}' for k, v in launch.items())}"
-                     f", then trl-thr eval on {len(study.evals)} evaluation set(s).")
+        flags = "".join(f" --{key} {value}" for key, value in launch.items())
+        lines.append(f"A run: trl-thr train --config runs/<run>/train.yaml{flags}, then trl-thr eval on "
+                     f"{len(study.evals)} evaluation set(s).")
     lines.append(estimate(study, root, runs, config, seconds_per_step))
     return "\n".join(lines)
 
@@ -298,7 +307,8 @@ def run_study(study: Study, root: Path, config: LauncherConfig | None = None) ->
     check_prepare_fields(study)
     # The directory is bound to the config as written; the recipe's paths depend on where the directory is.
     design, study = study, with_recipe_outputs(study, root)
-    resolved = validate(study, root, recipe_makes_benchmark=study.prepare is not None)
+    resolved = validate(study, root, recipe_makes_benchmark=study.prepare is not None,
+                        trains_here=config.type == "local")
     check_resources(config, study)
     existing = read_study_file(root).get("study_id") if (root / "study.json").exists() else None
     launcher = make_launcher(config, study, root, existing or "new", provenance={})

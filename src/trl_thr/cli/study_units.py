@@ -15,7 +15,9 @@ start (an interrupted evaluation resumes from its own cache, a finished training
 
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,8 +29,19 @@ import yaml
 
 from ..files import write_json_atomically, write_text_atomically
 from .errors import UsageError
-from .study import (Arm, Study, base_fingerprint, eval_config, metric_key, portable, read_study_file, run_name,
-                    run_train_config, source_provenance, with_recipe_outputs)
+from .study import (
+    Arm,
+    Study,
+    base_fingerprint,
+    eval_config,
+    metric_key,
+    portable,
+    read_study_file,
+    run_name,
+    run_train_config,
+    source_provenance,
+    with_recipe_outputs,
+)
 from .study_locks import acquire
 
 PREPARE, BASE = "prepare", "base"
@@ -116,7 +129,7 @@ import ctypes, os, signal, sys
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):
     sys.exit(128 + signal.SIGTERM)
-os.execv(sys.argv[2], sys.argv[2:])
+os.execvp(sys.argv[2], sys.argv[2:])
 """
 
 
@@ -165,9 +178,24 @@ class Interrupted(Exception):
     """The study was interrupted while this unit's command ran."""
 
 
+def across_nodes(arguments: list[str]) -> list[str] | None:
+    """`trl-thr train <arguments>` on every node of this SLURM job, when it has several: one `srun` task per node,
+    each launching its node's processes through accelerate as machine `$SLURM_NODEID`, machine 0 being the node this
+    batch script runs on. None outside such a job."""
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+    if nodes < 2:
+        return None
+    head = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    train = shlex.join([sys.executable, "-m", "trl_thr", *arguments, "--num_machines", str(nodes),
+                        "--main_process_ip", head])
+    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "bash", "-c",
+            f'exec {train} --machine_rank "$SLURM_NODEID"']
+
+
 def run_command(arguments: list[str], log: Path, children: Children | None = None) -> float:
-    """Run `trl-thr <arguments>` with its output appended to `log`; seconds taken. A failure raises with the log."""
-    command = [sys.executable, "-m", "trl_thr", *arguments]
+    """Run `trl-thr <arguments>` with its output appended to `log`; seconds taken. A failure raises with the log.
+    Training spans the nodes of a SLURM job of several (`across_nodes`)."""
+    command = (arguments[0] == "train" and across_nodes(arguments)) or [sys.executable, "-m", "trl_thr", *arguments]
     if sys.platform == "linux":
         command = [sys.executable, "-c", ORPHAN_GUARD, str(os.getpid()), *command]
     started = time.time()

@@ -239,7 +239,8 @@ def main(argv=None):
 
         check_prepare_fields(study)
         prepared = with_recipe_outputs(study, root)
-        validate(prepared, root, recipe_makes_benchmark=study.prepare is not None)
+        validate(prepared, root, recipe_makes_benchmark=study.prepare is not None,
+                 trains_here=launcher.type == "local")
         check_resources(launcher, prepared)
         print(dry_run(prepared, root, launcher, args.seconds_per_step))
         return None

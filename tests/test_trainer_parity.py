@@ -128,7 +128,7 @@ def test_sequence_token_loss_value_equals_sequence_loss(tiny_model_path, tmp_pat
 
 
 def trl_loss_types():
-    """The loss types GRPOConfig documents in its `loss_type` help (trl 1.16: 8, incl. luspo and vespo)."""
+    """The loss types GRPOConfig documents in its `loss_type` help (trl 1.14 and 1.16: 8, incl. luspo and vespo)."""
     help_text = GRPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     listed = re.search(r"Supported values are (.*?)\. ", help_text).group(1)
     return re.findall(r"'(\w+)'", listed)

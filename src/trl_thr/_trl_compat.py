@@ -1,32 +1,122 @@
-"""Every reliance of trl-thr on TRL 1.16 internals, in one place.
+"""Every reliance of trl-thr on TRL internals, in one place, for each TRL version it is tested with.
 
 `THRGRPOTrainer` overrides private `GRPOTrainer` methods and mirrors a few pieces of TRL logic. Each of them is
 named here, with the TRL code it mirrors, and each has a canary in `tests/test_trl_compat.py` that fails when a TRL
-upgrade changes it. Re-check this file before widening the `trl>=1.16,<1.17` pin.
+upgrade changes it; `make test-trl-versions` runs the canaries and the trainer's own tests on each extra tested minor.
+Where TRL 1.14 and 1.16 differ, the difference is a branch on `FUSED_LM_HEAD` in this module, and nowhere else.
+
+What is read, per tested version (`TESTED_TRL`):
+
+- Both 1.14 and 1.16: `GRPOTrainer._generate_and_score_completions(inputs)` (the old-log-prob condition,
+  `trl_computes_old_logps`; the `_logs["extra"]` flush, `log_completion_columns`), `_generate_single_turn(prompt_ids,
+  images, multimodal_fields, ...)` (one `generate` call, `generation_capture`), `_calculate_rewards(inputs, prompts,
+  completions, completion_ids_list)`, `_compute_loss(model, inputs)` (one log-prob forward, then
+  `importance_sampling_level` and `inputs["old_per_token_logps"]`: `token_level_ratio`; `advantages` may be
+  `(B, T)`), `get_high_entropy_mask(entropies, mask, threshold)` (`high_entropy_tokens`), `log(logs, start_time)`
+  and its trackers (`completion_trackers`), the trainer attributes `capture_unsupported_reason` reads,
+  `trl.trainer.utils.maybe_gather_lm_head_ctx`, `trl.models.utils.disable_gradient_checkpointing`, and
+  `trl.generation.vllm_generation.VLLMGeneration` (`CPUColocateVLLMGeneration`, `vllm_generation_for_platform`).
+- 1.16 (`FUSED_LM_HEAD`): every log-prob comes from TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`),
+  which projects the backbone's (`base_model`) output and reads the logit transform from the config
+  (`logit_transform_from_config`); `_get_per_token_logps_and_entropies(model, input_ids, attention_mask,
+  logits_to_keep, batch_size, compute_entropy, compute_aux_loss, *FORWARD_KEYS)` runs it. TRL itself refuses a PEFT
+  adapter on `lm_head`.
+- 1.14: no fused head: `_get_per_token_logps_and_entropies(model, *args, batch_size, compute_aux_loss, **kwargs)`
+  dispatches to `_full_logits_logps` (the parameters above), which takes log-probs from the model's own forward
+  (transformers applies the logit scale and soft-cap, which `logit_transform_from_config` must match), or, with
+  `use_liger_kernel=True`, to `_chunked_logps`, which reads only `logit_scale` / `output_multiplier` of that rule:
+  refused with THR (`liger_refusal`). TRL 1.14 allows a PEFT adapter on `lm_head`, whose base weight THR would read:
+  the trainer refuses it.
+
+TRL 1.15 is not supported: its fused LM head computes every log-prob with a Triton kernel and has no torch fallback
+(1.16 added one), so `GRPOTrainer` cannot compute a log-prob on a CPU, and this package's CPU-only tests cannot run
+on it. On a GPU with Triton it is code-identical to 1.16 for everything listed above.
+Re-check this file against a new TRL before adding it to `TESTED_TRL` and the `trl` pin in `pyproject.toml`.
 """
 
-import functools
-import inspect
 import os
-from contextlib import contextmanager
-from unittest.mock import patch
+import warnings
 
-import torch
 import trl
-import trl.generation.vllm_generation as trl_vllm_generation
-import trl.trainer.grpo_trainer as trl_grpo_trainer
-from accelerate.utils import is_peft_model
-from torch.distributed.tensor import DTensor
-from trl import GRPOTrainer
-from trl.generation.vllm_generation import VLLMGeneration
-from trl.import_utils import is_vllm_available
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from packaging.version import Version
 
-SUPPORTED_TRL = "1.16"
+# The TRL minor versions whose internals this module mirrors, each run by the tests (`make test` on the newest,
+# `make test-trl-versions` on the others); `TRL_REQUIREMENT` is the `trl` pin in pyproject.toml.
+TESTED_TRL = ("1.14", "1.16")
+TRL_REQUIREMENT = "trl>=1.14,<1.17,!=1.15.*"
+# Minors inside the range that are left out on purpose, and why.
+UNTESTABLE_TRL = {
+    "1.15": "whose log-probs need Triton (its fused LM head has no torch fallback), so it cannot run on a CPU, where "
+            "trl-thr's tests run",
+}
+# Set to 1 to run on a TRL outside `TESTED_TRL`, with a warning, at your own risk.
+ALLOW_UNTESTED_TRL_ENV = "TRL_THR_ALLOW_UNTESTED_TRL"
 
-# Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that come from the generation batch
-# (multimodal inputs); `_compute_loss` passes them as `inputs.get(key)`.
+
+def trl_minor() -> str:
+    """The installed TRL's minor version: `"1.16"` for trl 1.16.0."""
+    major, minor = Version(trl.__version__).release[:2]
+    return f"{major}.{minor}"
+
+
+class UntestedTRLError(ImportError):
+    """The installed TRL is not one trl-thr is tested with; the message is one line saying what to do (the command
+    line prints it as it is: `one_line`)."""
+
+    one_line = True
+
+
+def tested_trl() -> str:
+    """The tested versions, for messages: `"1.14.x and 1.16.x"`."""
+    return " and ".join(f"{minor}.x" for minor in TESTED_TRL)
+
+
+def check_supported_trl() -> None:
+    """Raise an ImportError in one line if the installed TRL is not a tested minor version (`TESTED_TRL`); with
+    `TRL_THR_ALLOW_UNTESTED_TRL=1`, warn instead."""
+    minor = trl_minor()
+    if minor in TESTED_TRL:
+        return
+    why = f", {UNTESTABLE_TRL[minor]}" if minor in UNTESTABLE_TRL else ""
+    found = f"trl-thr is tested with trl {tested_trl()}, found trl {trl.__version__}{why}"
+    if os.environ.get(ALLOW_UNTESTED_TRL_ENV) == "1":
+        warnings.warn(f"{found}; running anyway because {ALLOW_UNTESTED_TRL_ENV}=1: results are at your own risk.",
+                      stacklevel=3)
+        return
+    raise UntestedTRLError(
+        f"{found}. Install a tested trl: pip install \"{TRL_REQUIREMENT}\" (for a newer trl, a newer trl-thr), or set "
+        f"{ALLOW_UNTESTED_TRL_ENV}=1 to try this one at your own risk."
+    )
+
+
+# Before anything else is imported from TRL: an untested TRL may not have it, and gets the one line above instead of
+# the traceback of a missing module.
+check_supported_trl()
+
+import functools  # noqa: E402
+import inspect  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from unittest.mock import patch  # noqa: E402
+
+import torch  # noqa: E402
+import trl.generation.vllm_generation as trl_vllm_generation  # noqa: E402
+import trl.trainer.grpo_trainer as trl_grpo_trainer  # noqa: E402
+from accelerate.utils import is_peft_model  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
+from trl.import_utils import is_vllm_available  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import maybe_gather_lm_head_ctx  # noqa: E402
+
+# TRL computes every log-prob with its fused LM head from 1.15 on; 1.14 takes them from the model's own logits. An
+# untested version (`ALLOW_UNTESTED_TRL_ENV`) gets the layout of the nearest tested one.
+FUSED_LM_HEAD = Version(trl.__version__).release[:2] >= (1, 15)
+# The `GRPOTrainer` method whose signature lists the log-prob forward's parameters, and where THR's calls land.
+LOG_PROB_FORWARD = "_get_per_token_logps_and_entropies" if FUSED_LM_HEAD else "_full_logits_logps"
+
+# Keyword arguments of the log-prob forward (`LOG_PROB_FORWARD`) that come from the generation batch (multimodal
+# inputs); `_compute_loss` passes them as `inputs.get(key)`.
 FORWARD_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -40,42 +130,106 @@ FORWARD_KEYS = (
     "image_position_ids",
 )
 
+# The `GRPOTrainer` methods trl-thr overrides or calls, each as `(positional parameters, keyword parameters)` of the
+# calls it makes: `changed_trl_internal` checks them against the installed TRL.
+GRPO_CALLS = {
+    "_generate_and_score_completions": (("self", "inputs"), ()),
+    "_generate_single_turn": (("self", "prompt_ids", "images", "multimodal_fields"), ()),
+    "_calculate_rewards": (("self", "inputs", "prompts", "completions", "completion_ids_list"), ()),
+    "_get_per_token_logps_and_entropies": (("self", "model", "input_ids", "attention_mask", "logits_to_keep"),
+                                           ("batch_size", "compute_entropy", *FORWARD_KEYS)),
+    "_compute_loss": (("self", "model", "inputs"), ()),
+    "get_high_entropy_mask": (("self", "entropies", "mask", "threshold"), ()),
+    "log": (("self", "logs", "start_time"), ()),
+}
+# On 1.14 the log-prob forward's call lands in `_full_logits_logps`, with the same arguments.
+GRPO_CALLS[LOG_PROB_FORWARD] = GRPO_CALLS["_get_per_token_logps_and_entropies"]
+
 __all__ = [
+    "ALLOW_UNTESTED_TRL_ENV",
     "FORWARD_KEYS",
-    "SUPPORTED_TRL",
+    "FUSED_LM_HEAD",
+    "GRPO_CALLS",
+    "LOG_PROB_FORWARD",
+    "TESTED_TRL",
+    "TRL_REQUIREMENT",
+    "UNTESTABLE_TRL",
+    "UntestedTRLError",
     "BackboneCapture",
     "CPUColocateVLLMGeneration",
     "backbone",
+    "changed_trl_internal",
     "check_supported_trl",
+    "check_trl_internals",
     "completion_trackers",
     "disable_gradient_checkpointing",
     "forward_kwargs",
-    "high_entropy_tokens",
-    "shutdown_colocated_vllm",
     "fsdp_needs_gpus",
     "fsdp_requested_but_not_built",
     "full_lm_head",
-    "log_completion_columns",
+    "high_entropy_tokens",
+    "liger_refusal",
     "lm_head_sharding",
+    "log_completion_columns",
     "logit_transform_from_config",
+    "shutdown_colocated_vllm",
+    "tested_trl",
     "token_level_ratio",
     "trains_on_cpu",
     "trl_computes_old_logps",
+    "trl_minor",
     "unwrapped_causal_lm",
     "uses_fsdp1",
     "vllm_generation_for_platform",
-    "vllm_runs_on_cpu",
     "vllm_refusal",
+    "vllm_runs_on_cpu",
 ]
 
 
-def check_supported_trl() -> None:
-    """Raise if the installed TRL is not the minor version whose internals this module mirrors."""
-    if not trl.__version__.startswith(SUPPORTED_TRL + "."):
+def changed_trl_internal() -> str | None:
+    """What in the installed TRL no longer takes trl-thr's calls (`GRPO_CALLS`), or `None`. Signatures only: cheap."""
+    for name, (positional, keywords) in GRPO_CALLS.items():
+        method = getattr(GRPOTrainer, name, None)
+        if method is None:
+            return f"GRPOTrainer.{name} is gone"
+        signature = inspect.signature(method)
+        parameters = list(signature.parameters.values())
+        takes_args = any(p.kind is p.VAR_POSITIONAL for p in parameters)
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        named = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        # A positional argument must meet the parameter of its name, unless it goes to `*args` after the named ones.
+        for index, expected in enumerate(positional):
+            if not (named[index : index + 1] == [expected] or (index >= len(named) and takes_args)):
+                return f"GRPOTrainer.{name}{signature} no longer takes {expected!r} as its argument {index}"
+        missing = [key for key in keywords if key not in signature.parameters and not takes_kwargs]
+        if missing:
+            return f"GRPOTrainer.{name}{signature} no longer takes {', '.join(missing)}"
+    return None
+
+
+def check_trl_internals() -> None:
+    """Raise an ImportError in one line naming the TRL internal that changed, before a trainer is built on it (instead
+    of a traceback from inside a training step)."""
+    changed = changed_trl_internal()
+    if changed is not None:
         raise ImportError(
-            f"trl-thr supports trl {SUPPORTED_TRL}.x (it overrides private GRPOTrainer methods), found trl "
-            f"{trl.__version__}. Install trl>={SUPPORTED_TRL},<1.17."
+            f"trl {trl.__version__} changed an internal trl-thr relies on: {changed}. trl-thr is tested with trl "
+            f"{tested_trl()}: pip install \"{TRL_REQUIREMENT}\" (for a newer trl, a newer trl-thr)."
         )
+
+
+def liger_refusal(args) -> str | None:
+    """Why THR cannot run with `args.use_liger_kernel` on the installed TRL, or `None` if it can.
+
+    TRL 1.14's Liger path (`_chunked_logps`) scales the logits by `logit_scale` or `output_multiplier` only, not by
+    `lm_head_multiplier` or `logits_scaling` as the model's forward and THR's transform do, so THR's log-normalisers
+    would not match TRL's log-probs on such models. From 1.15 on every log-prob comes from the fused head.
+    """
+    if FUSED_LM_HEAD or not args.use_liger_kernel:
+        return None
+    return (f"use_liger_kernel=True with THR: trl {trl.__version__}'s Liger log-probs scale the logits by logit_scale "
+            "or output_multiplier only, not by lm_head_multiplier or logits_scaling as THR's transform does, so THR "
+            f"would not match them on such models. Set use_liger_kernel=False, or install trl {TESTED_TRL[-1]}.x.")
 
 
 def forward_kwargs(batch: dict) -> dict:
@@ -86,8 +240,8 @@ def forward_kwargs(batch: dict) -> dict:
 def trl_computes_old_logps(trainer: GRPOTrainer) -> bool:
     """Whether `GRPOTrainer._generate_and_score_completions` runs the old-policy forward itself.
 
-    Mirrors the condition in trl 1.16 (`grpo_trainer.py`, before `old_per_token_logps` is computed): off-policy
-    reuse of a generation batch, or vLLM with importance-sampling correction.
+    Mirrors the condition in trl 1.14 and 1.16, the same in both (`grpo_trainer.py`, before `old_per_token_logps`
+    is computed): off-policy reuse of a generation batch, or vLLM with importance-sampling correction.
     """
     generate_every = trainer.args.steps_per_generation * trainer.num_iterations
     return trainer.args.gradient_accumulation_steps % generate_every != 0 or (
@@ -96,11 +250,12 @@ def trl_computes_old_logps(trainer: GRPOTrainer) -> bool:
 
 
 def logit_transform_from_config(config) -> dict:
-    """Logit scale and soft-capping of a model, read the way TRL's fused LM head reads them.
+    """Logit scale and soft-capping of a model, as TRL's log-probs apply them.
 
     Mirrors `trl.trainer.utils.add_fused_lm_head` (trl 1.16): `logit_scale`, else `output_multiplier`, else
     `lm_head_multiplier`, else `1 / logits_scaling` (`logits_scaling` itself for HyperCLOVA X); then
-    `final_logit_softcapping`. The temperature is the trainer's.
+    `final_logit_softcapping`. TRL 1.14 takes its log-probs from the model's own logits, to which transformers'
+    forward applies the same transform. The temperature is the trainer's.
     """
     text_config = config.get_text_config()
     scale = getattr(text_config, "logit_scale", None)
@@ -125,8 +280,8 @@ def unwrapped_causal_lm(trainer: GRPOTrainer, model: torch.nn.Module | None = No
 
 
 def backbone(trainer: GRPOTrainer, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """The module whose output TRL's fused LM head projects (`base_model`): its `last_hidden_state` is the
-    final-norm hidden state."""
+    """The module whose output TRL's log-probs project (`base_model`; through 1.16's fused head, or the model's own
+    LM head on 1.14): its `last_hidden_state` is the final-norm hidden state."""
     return unwrapped_causal_lm(trainer, model).base_model
 
 
@@ -187,7 +342,7 @@ def fsdp_requested_but_not_built(accelerator) -> bool:
 class BackboneCapture:
     """Collects the backbone's final hidden states at completion positions during one log-prob forward.
 
-    Aligned as TRL's fused head aligns them: the state at position t predicts token t + 1, so the completion's
+    Aligned as TRL's log-prob forward aligns them: the state at position t predicts token t + 1, so the completion's
     `(B, T, d)` states are `last_hidden_state[:, :-1][:, -logits_to_keep:]`.
     """
 
@@ -218,9 +373,9 @@ def token_level_ratio(trainer: GRPOTrainer, on_logps):
     """Run one `GRPOTrainer._compute_loss` call on TRL's token-level ratio with old log-probs chosen after the
     training forward: `on_logps(per_token_logps)` returns the `old_per_token_logps` the ratio uses.
 
-    Relies on trl 1.16's `_compute_loss` calling `_get_per_token_logps_and_entropies` once and then reading
-    `importance_sampling_level` and `inputs["old_per_token_logps"]`; `on_logps` writes into the caller's own copy
-    of the inputs. Both changes last for the block only.
+    Relies on trl's `_compute_loss` (1.14 and 1.16) calling `_get_per_token_logps_and_entropies` once and then
+    reading `importance_sampling_level` and `inputs["old_per_token_logps"]`; `on_logps` writes into the caller's own
+    copy of the inputs. Both changes last for the block only.
     """
     level = trainer.importance_sampling_level
     forward = trainer._get_per_token_logps_and_entropies  # the bound method, overrides included
@@ -250,7 +405,7 @@ def high_entropy_tokens(trainer: GRPOTrainer, entropies: torch.Tensor, mask: tor
 def completion_trackers(trainer: GRPOTrainer) -> list:
     """The tracker modules `GRPOTrainer.log` sends the completions table to (wandb with an active run, trackio).
 
-    Mirrors trl 1.16's `log()`, which imports them into `trl.trainer.grpo_trainer` when they are installed.
+    Mirrors trl's `log()` (1.14 and 1.16), which imports them into `trl.trainer.grpo_trainer` when they are installed.
     """
     from trl.trainer import grpo_trainer
 
@@ -268,7 +423,7 @@ def completion_trackers(trainer: GRPOTrainer) -> list:
 def log_completion_columns(trainer: GRPOTrainer, columns: dict[str, list]) -> None:
     """Add per-completion columns (this process's rows) to TRL's completions table for the running batch.
 
-    Mirrors how trl 1.16 flushes `log_extra` columns: every process gathers, in process order, into
+    Mirrors how trl 1.14 and 1.16 flush `log_extra` columns: every process gathers, in process order, into
     `trainer._logs["extra"]`, whose rows follow `trainer._logs["prompt"]`. A collective: every process calls it.
     """
     from accelerate.utils import gather_object
@@ -278,8 +433,8 @@ def log_completion_columns(trainer: GRPOTrainer, columns: dict[str, list]) -> No
 
 
 def grpo_forward_parameters() -> set[str]:
-    """Keyword parameters of `GRPOTrainer._get_per_token_logps_and_entropies` (for the canary test)."""
-    return set(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+    """Parameters of the log-prob forward, `GRPOTrainer.<LOG_PROB_FORWARD>` (for the canary test)."""
+    return set(inspect.signature(getattr(GRPOTrainer, LOG_PROB_FORWARD)).parameters)
 
 
 # ---- vLLM on a CPU ----------------------------------------------------------------------------------------------------
@@ -295,7 +450,7 @@ def vllm_runs_on_cpu() -> bool:
 
 
 def vllm_refusal(args) -> str | None:
-    """Why TRL 1.16's vLLM cannot run with `args` (a `GRPOConfig`) here, or `None` if it can.
+    """Why TRL's vLLM cannot run with `args` (a `GRPOConfig`) here, or `None` if it can.
 
     - Server mode needs the trainer on CUDA: TRL syncs weights to the server over NCCL, and
       `VLLMClient.init_communicator` raises for another device, only after waiting up to `vllm_server_timeout`
@@ -303,7 +458,7 @@ def vllm_refusal(args) -> str | None:
     - vLLM's CPU platform has no sleep mode: vLLM would refuse it only after the trainer has loaded the model.
     """
     if args.use_vllm and args.vllm_mode == "server" and trains_on_cpu(args):
-        return ("vllm_mode='server' needs the trainer on a CUDA device: TRL 1.16 sends the weights to the server over "
+        return ("vllm_mode='server' needs the trainer on a CUDA device: TRL sends the weights to the server over "
                 "NCCL. On a CPU, set vllm_mode='colocate' (vLLM runs inside the training process).")
     if args.use_vllm and args.vllm_mode == "colocate" and args.vllm_enable_sleep_mode and vllm_runs_on_cpu():
         return "vllm_enable_sleep_mode=True: vLLM's CPU platform has no sleep mode. Set it to False."
@@ -311,7 +466,7 @@ def vllm_refusal(args) -> str | None:
 
 
 class CPUColocateVLLMGeneration(VLLMGeneration):
-    """TRL 1.16's colocate `VLLMGeneration` on vLLM's CPU platform, with the three fixes that platform needs.
+    """TRL's colocate `VLLMGeneration` (1.14 and 1.16) on vLLM's CPU platform, with the three fixes it needs.
 
     1. The engine is built in the training model's dtype and eager: TRL passes no dtype, so vLLM would run a float32
        checkpoint in bfloat16 (its log-probs then differ from the trainer's by ~0.06 nats before any update), and
@@ -343,7 +498,7 @@ def shutdown_colocated_vllm(trainer: GRPOTrainer) -> None:
 
     Left to interpreter exit, vLLM's finalizer (`EngineCore.shutdown` -> `cleanup_dist_env_and_memory`) destroys its
     groups after accelerate has destroyed them, and a finished run ends with "Exception ignored ... Invalid process
-    group specified". Relies on TRL 1.16's `trainer.vllm_generation.llm` (colocate mode) and vLLM's
+    group specified". Relies on TRL's `trainer.vllm_generation.llm` (colocate mode) and vLLM's
     `LLM.llm_engine.engine_core.shutdown()`, which runs that finalizer once and detaches it.
     """
     llm = getattr(getattr(trainer, "vllm_generation", None), "llm", None)

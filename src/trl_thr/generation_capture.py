@@ -6,11 +6,11 @@ transformed logits (it recovers `LSE` from `token_logprobs` as `z_y - log pi(y)`
 exactly these while it samples: the prefill's last position predicts completion token 0, decode step `t` predicts
 token `t`. [`GenerationCapture`] records them around one `model.generate(...)` call:
 
-- a forward hook on the backbone (the module TRL's fused LM head runs) keeps the last position of each call:
+- a forward hook on the backbone (whose output TRL's log-probs project) keeps the last position of each call:
   `(B, d)` per step, a detached copy; `output_hidden_states` is never requested (it holds every layer);
 - a forward hook on the LM head reduces that step's last-position logits to `(B,)` at once, in float32, under
   the trainer's transform (logit scale, then soft-cap, then / temperature, as `trl_thr.thr.transform_logits` and
-  TRL's fused head): no `(B, V)` tensor outlives a step;
+  TRL's log-probs): no `(B, V)` tensor outlives a step;
 - a forward pre-hook on the backbone notes each call's input length, cache length and input ids, so that
   [`GenerationCapture.align`] can prove the records are one contiguous decode of the batch it is given.
 
@@ -19,13 +19,14 @@ token `t`. [`GenerationCapture`] records them around one `model.generate(...)` c
 records cannot be proven to belong to those completions. The caller then runs the teacher-forced forward instead;
 capture never silently misaligns.
 
-Where it plugs into TRL 1.16 (`trl/trainer/grpo_trainer.py`)
-------------------------------------------------------------
+Where it plugs into TRL 1.14 and 1.16 (`trl/trainer/grpo_trainer.py`)
+--------------------------------------------------------------------
 `GRPOTrainer._generate_and_score_completions` calls `_generate(prompts)`, which calls
 `_generate_single_turn(prompt_ids, images, multimodal_fields, num_generations)` once per generation batch (and
 again per tool turn from `_tool_call_loop`). On the transformers path (`use_vllm=False`,
 `use_transformers_continuous_batching=False`) that method left-pads the prompts of the whole generation batch
-(`per_device_train_batch_size * steps_per_generation` rows on this process, not in chunks) and calls
+(`per_device_train_batch_size * steps_per_generation` rows on this process, not in chunks; to the longest prompt on
+1.14, to `pad_to_multiple_of` on 1.16) and calls
 `unwrapped_model.generate(**generate_inputs, generation_config=self.generation_config)` exactly once, inside
 `unwrap_model_for_generation(self.model_wrapped, ...)`, `torch.no_grad()` and FSDP1's `summon_full_params`.
 `self.generation_config` is built with `disable_compile=True` (no compiled decode step whose graph could skip
@@ -33,9 +34,9 @@ hooks), `max_new_tokens=max_completion_length` and the trainer's `eos_token_ids`
 and including the first EOS of each row; `_generate_and_score_completions` right-pads them into `completion_ids`
 / `completion_mask` (with `pad_to_multiple_of`) and left-pads the prompts the same way into `prompt_ids`.
 
-- `generate` runs the model's original forward: `add_fused_lm_head` only takes the fused path when
-  `fused_lm_head=True` is passed, which `generate` never does, so the backbone and LM head modules run once per
-  decoding step, and the hooks see every step.
+- `generate` runs the model's original forward: 1.14 has no fused head, and 1.16's `add_fused_lm_head` only takes
+  the fused path when `fused_lm_head=True` is passed, which `generate` never does, so the backbone and LM head
+  modules run once per decoding step, and the hooks see every step.
 - `unwrap_model_for_generation` yields `accelerator.unwrap_model(model_wrapped)`, the same module objects as
   `accelerator.unwrap_model(self.model)`; under ZeRO-3 it gathers the weights (`GatheredParameters`) and removes
   only DeepSpeed's own hooks (`remove_hooks` clears the `forward_hooks` list DeepSpeed keeps), so hooks
@@ -48,7 +49,7 @@ What the trainer wraps: `_generate_single_turn`, only for the first call of a ge
 plain path (see [`capture_unsupported_reason`]): no vLLM, no continuous batching, no tools or environments (they
 call `generate` again per turn), no `rollout_func`, no images or other multimodal fields. Build the capture from
 `accelerator.unwrap_model(self.model)` with [`GenerationCapture.from_model`], which finds the modules the way
-TRL's fused head does: under PEFT `get_base_model()` first (the LoRA layers live inside it, so the states are
+TRL's log-prob forward does: under PEFT `get_base_model()` first (the LoRA layers live inside it, so the states are
 the adapted policy's), then `base_model` (the backbone, e.g. `Qwen2Model`, whose output is the final-norm hidden
 state) and `get_output_embeddings()` (the LM head). After `super()._generate_and_score_completions` returns,
 call `align(batch["completion_ids"], batch["completion_mask"], weight, bias, prompt_ids=batch["prompt_ids"],
@@ -110,7 +111,7 @@ class GenerationCapture:
 
     Args:
         backbone (`torch.nn.Module`):
-            The module whose output's `last_hidden_state` the LM head projects (TRL's fused head runs the same
+            The module whose output's `last_hidden_state` the LM head projects (TRL's log-probs project the same
             one: `causal_lm.base_model`).
         lm_head (`torch.nn.Module`):
             The LM head (`causal_lm.get_output_embeddings()`), called once per step on the backbone's output.
@@ -147,7 +148,7 @@ class GenerationCapture:
         logit_scale: float = 1.0,
         logit_softcap: float | None = None,
     ) -> GenerationCapture:
-        """A capture on the backbone and LM head of `model`, found as TRL's fused LM head finds them.
+        """A capture on the backbone and LM head of `model`, found as TRL's log-prob forward finds them.
 
         `model` is the unwrapped causal LM (`accelerator.unwrap_model(trainer.model)`), a PEFT model or not: under
         PEFT its `get_base_model()` is used, whose modules carry the adapter layers, so the states are the adapted
@@ -412,7 +413,7 @@ class GenerationCapture:
 def capture_unsupported_reason(trainer, images=None, multimodal_fields=None) -> str | None:
     """Why generation capture cannot serve this `GRPOTrainer` generation batch, or `None` if it can.
 
-    Reads the trainer attributes TRL 1.16 branches on in `_generate` / `_generate_single_turn`, plus the
+    Reads the trainer attributes TRL (1.14 and 1.16) branches on in `_generate` / `_generate_single_turn`, plus the
     `images` / `multimodal_fields` that `_generate_single_turn` receives. Capture covers one plain transformers
     `generate` call per generation batch on text; [`GenerationCapture.align`] still checks the records it gets.
     """

@@ -44,7 +44,7 @@ def transform_logits(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
 ) -> torch.Tensor:
-    """Apply the logit transform TRL's fused LM head uses: scale, then soft-cap, then divide by the temperature."""
+    """Apply the logit transform TRL's log-probs use: scale, then soft-cap, then divide by the temperature."""
     logits = logits * logit_scale
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
@@ -117,6 +118,15 @@ class THRBatch:
         )
 
 
+def _lm_head_has_adapter(model: torch.nn.Module) -> bool:
+    """Whether `model` (unwrapped from accelerate) is a PEFT model with an adapter layer on its LM head."""
+    if not is_peft_model(model):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer  # an optional dependency, installed since it built `model`
+
+    return isinstance(model.get_output_embeddings(), BaseTunerLayer)
+
+
 def _counted_tokens(batch: dict) -> torch.Tensor:
     """`(B, T)` tokens the loss counts: completion tokens, less tool-call outputs when TRL masks them."""
     return batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
@@ -162,7 +172,7 @@ class THRGRPOTrainer(GRPOTrainer):
     }
 
     def __init__(self, model, reward_funcs=None, args: THRGRPOConfig | None = None, **kwargs):
-        compat.check_supported_trl()
+        compat.check_trl_internals()  # the version itself was checked when compat was imported
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = THRGRPOConfig(f"{model_name.split('/')[-1]}-THR")
@@ -172,6 +182,8 @@ class THRGRPOTrainer(GRPOTrainer):
                 "(THRGRPOConfig accepts every GRPOConfig field) and set thr_strategy."
             )
         refusal = compat.vllm_refusal(args)
+        if refusal is None and args.thr_strategy != "none":
+            refusal = compat.liger_refusal(args)
         if refusal is not None:
             raise ValueError(refusal)
         with compat.vllm_generation_for_platform(args):
@@ -182,6 +194,12 @@ class THRGRPOTrainer(GRPOTrainer):
             raise ValueError(
                 "THR reads the LM-head weight outside the forward, which FSDP version 1 keeps as a flat shard. Use "
                 "FSDP2: set fsdp_version: 2 in the accelerate config (trl-thr train --accelerate_config fsdp2)."
+            )
+        if args.thr_strategy != "none" and _lm_head_has_adapter(self.accelerator.unwrap_model(self.model)):
+            # TRL refuses this itself from 1.15 on; 1.14 trains the adapter, which THR would not see.
+            raise ValueError(
+                "A PEFT adapter on `lm_head` is not supported with THR: THR reads the head's base weight, which the "
+                "adapter leaves unchanged, so its THR would not be the policy's. Remove 'lm_head' from target_modules."
             )
         if args.thr_positive_reward_func is not None and args.thr_positive_reward_func not in self.reward_func_names:
             raise ValueError(
@@ -268,7 +286,8 @@ class THRGRPOTrainer(GRPOTrainer):
             if hidden_states is None or token_logprobs is None:
                 raise RuntimeError(
                     "THRGRPOTrainer expected GRPOTrainer to compute old_per_token_logps in this configuration and "
-                    f"found none; trl-thr supports trl {compat.SUPPORTED_TRL}.x, found trl {compat.trl.__version__}."
+                    f"found none; trl-thr is tested with trl {compat.tested_trl()}, found trl "
+                    f"{compat.trl.__version__}."
                 )
             return batch, OldPolicyStates(hidden_states, token_logprobs, self._seconds_since(start))
         # TRL computes no old log-probs here and uses the training forward's own (a ratio of exactly 1): THR records
@@ -458,9 +477,9 @@ class THRGRPOTrainer(GRPOTrainer):
         """THR `(B, T)` of a generation batch whose rows are whole, consecutive groups.
 
         `token_logprobs` `(B, T)` are the log-probs of the forward that produced `hidden_states` `(B, T, d)` (TRL's
-        fused head, or those recorded during generation). THR reads the states and the head as stored: rounding them
-        like a bf16 projection does not bring THR closer to float64 (benchmarks/bench_precision.py). A sharded head
-        is gathered for this call only.
+        log-prob forward, or those recorded during generation). THR reads the states and the head as stored:
+        rounding them like a bf16 projection does not bring THR closer to float64 (benchmarks/bench_precision.py). A
+        sharded head is gathered for this call only.
         """
         args = self.args
         mode, num_generations = self._thr_group_size()

@@ -37,7 +37,7 @@ def test_server_mode_on_cpu_is_refused_in_one_line(tmp_path):
                       "--vllm_mode", "server"], tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("trl-thr ")]
-    assert lines == ["trl-thr train: error: vllm_mode='server' needs the trainer on a CUDA device: TRL 1.16 sends the "
+    assert lines == ["trl-thr train: error: vllm_mode='server' needs the trainer on a CUDA device: TRL sends the "
                      "weights to the server over NCCL. On a CPU, set vllm_mode='colocate' (vLLM runs inside the "
                      "training process)."]
     assert not (tmp_path / "cache" / "models").exists()  # refused before any model was built or loaded

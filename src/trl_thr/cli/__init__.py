@@ -25,7 +25,7 @@ COMMANDS = {
 }
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
-# TRL 1.16 spells the field `gradient_checkpointing` (its configs default it to True) and reads
+# TRL (1.14 and 1.16) spells the field `gradient_checkpointing` (its configs default it to True) and reads
 # `model.is_gradient_checkpointing`; transformers >= 5.23 renamed both to `activation_checkpointing` and warns on every
 # TRL run. Nothing a user of TRL's argument names can change avoids them, so the command line does not print them.
 UPSTREAM_RENAME_WARNINGS = ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated")
@@ -160,6 +160,11 @@ def run(command: str, argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])  # inside: importing TRL takes seconds
         module.main(argv)
     except UsageError as error:
+        print(f"trl-thr {command}: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        if not getattr(error, "one_line", False):  # an untested TRL says so in one line; anything else is a bug
+            raise
         print(f"trl-thr {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# TRL 1.16's preset files (`tests/test_launch.py` checks this against the installed TRL; any file TRL adds is
-# accepted anyway, since TRL's resolver finds it).
+# TRL's preset files, the same in 1.14 and 1.16 (`tests/test_launch.py` checks this against the installed TRL; any
+# file TRL adds is accepted anyway, since TRL's resolver finds it).
 TRL_ACCELERATE_PRESETS = ("single_gpu", "multi_gpu", "zero1", "zero2", "zero3", "fsdp1", "fsdp2")
 # trl-thr's earlier preset names: each had the same settings as its TRL preset, with mixed precision left to the
 # training config (which `--mixed_precision no` keeps).

@@ -2,9 +2,10 @@
 
 `reward_funcs` entries are resolved in this order (see `load_reward_funcs`):
 
-1. TRL's registry names, exactly those `trl grpo` accepts (TRL 1.16's `trl/scripts/grpo.py`): `accuracy_reward`,
-   `reasoning_accuracy_reward`, `think_format_reward`, `get_soft_overlong_punishment` (with `trl grpo`'s fixed
-   `max_completion_len=1280, soft_punish_cache=256`). The functions are TRL's own, from `trl.rewards`.
+1. TRL's registry names, exactly those `trl grpo` accepts (`trl/scripts/grpo.py`, the same in TRL 1.14 and 1.16):
+   `accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`, `get_soft_overlong_punishment` (with
+   `trl grpo`'s fixed `max_completion_len=1280, soft_punish_cache=256`). The functions are TRL's own, from
+   `trl.rewards`.
 2. trl-thr's names: `accuracy`, `accuracy_lenient`, `boxed_format`, `think_answer_format` (below).
 3. `module:function` (also `module:object.method`).
 4. A dotted import path, `my_pkg.rewards.fn`, as `trl grpo` resolves it: module `my_pkg.rewards`, attribute `fn`.

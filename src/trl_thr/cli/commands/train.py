@@ -78,8 +78,8 @@ class THRScriptArguments(ScriptArguments, ProblemArguments):
 
 DATACLASSES = (THRScriptArguments, THRGRPOConfig, ModelConfig, DatasetMixtureConfig, LaunchArguments)
 
-# `GRPOConfig` fields that TRL 1.16 checks only when it reaches them (the loss type at the first loss, minutes into a
-# run); checked here before a model is loaded. tests/test_cli.py compares them with TRL's help texts.
+# `GRPOConfig` fields that TRL (1.14 and 1.16) checks only when it reaches them (the loss type at the first loss,
+# minutes into a run); checked here before a model is loaded. tests/test_cli.py compares them with TRL's help texts.
 # (`importance_sampling_level` is checked by THRGRPOConfig, which adds "sequence_token".)
 GRPO_CHOICES = {
     "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),

@@ -52,6 +52,14 @@ def test_flags_without_a_config_or_a_model_say_how_to_run_the_demo(capsys):
     assert len(error.splitlines()) == 1 and "`trl-thr train --config demo <flags>`" in error and "bf16" not in error
 
 
+def test_a_users_own_file_wins_over_a_packaged_recipe_of_the_same_name(tmp_path, monkeypatch):
+    """`--config demo.yaml` with a demo.yaml of one's own in the working directory is that file, not the demo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.yaml").write_text(Path(DEMO_CONFIG).read_text().replace("max_steps: 12", "max_steps: 5"))
+    assert parse("--config", "demo.yaml")[1].max_steps == 5
+    assert parse("--config", "demo")[1].max_steps == 12  # no file named `demo`: the packaged recipe
+
+
 def test_packaged_recipes_are_found_by_name(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no examples/ here: as for an installed package
     script, training, model, _, _ = parse("--config", "tiny_cpu")

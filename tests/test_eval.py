@@ -111,6 +111,26 @@ def test_end_to_end_on_a_local_file(tiny_model_path, benchmark_file, tmp_path, c
     assert "pass@2" in capsys.readouterr().out
 
 
+def test_results_of_two_models_saved_as_model_are_not_confused(tiny_model_path, benchmark_file, tmp_path):
+    """A study saves every run's model as runs/<run>/model: a result is named by its run by default, and a result is
+    never silently replaced by another model's under the same name."""
+    import shutil
+
+    from trl_thr.cli.errors import UsageError
+    from trl_thr.tiny import build_tiny_model
+
+    shutil.copytree(tiny_model_path, tmp_path / "runs" / "grpo-s0" / "model")
+    build_tiny_model(tmp_path / "runs" / "grpo-s1" / "model", seed=1)
+    unnamed = eval_args(str(tmp_path / "runs" / "grpo-s0" / "model"), benchmark_file, tmp_path / "out")[:-2]
+    eval_script.main(unnamed)
+    assert (tmp_path / "out" / "grpo-s0-model-bench.json").exists()
+    eval_script.main(unnamed)  # the same model again: its result is replaced by the same
+    other = eval_args(str(tmp_path / "runs" / "grpo-s1" / "model"), benchmark_file, tmp_path / "out")[:-2]
+    with pytest.raises(UsageError, match=r"grpo-s0-model-bench.json holds the results of another model \(.*grpo-s0"
+                                         r"/model\); set --run_name to name this one, or use another output_dir"):
+        eval_script.main([*other, "--run_name", "grpo-s0-model-bench"])
+
+
 def recording(make_generate, seeds, stop_after=None):
     """Wrap `make_generate` so its generator records problem seeds; KeyboardInterrupt on problem `stop_after`."""
 
@@ -257,7 +277,8 @@ def test_a_truncated_last_cache_line_is_repaired(tmp_path):
 
 def test_compare_runs(tmp_path):
     def fake(name, values):
-        return {"config": {"run_name": name, "benchmark": "aime24"},
+        return {"config": {"run_name": name, "benchmark": "aime24", "model": f"runs/{name}-s0/model",
+                           "adapter": "adapters/thr-neg" if name == "thr-neg" else None},
                 "metrics": {"problems": 30, "ungradable": 0, "greedy_accuracy": values[0],
                             **{f"pass@{k}": v for k, v in zip([1, 8, 64], values)}}}
 
@@ -270,6 +291,7 @@ def test_compare_runs(tmp_path):
     assert [r["config"]["run_name"] for r in results] == ["grpo", "thr-neg"]
     table = (tmp_path / "out" / "compare.md").read_text()
     assert "| metric | grpo | thr-neg |" in table and "| pass@64 (%) | 70.0 | 77.0 |" in table
+    assert "| model | runs/grpo-s0/model | runs/thr-neg-s0/model + adapters/thr-neg |" in table
     assert (tmp_path / "out" / "compare.png").stat().st_size > 5_000
 
 

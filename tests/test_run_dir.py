@@ -83,8 +83,9 @@ def test_overwrite_deletes_the_checkpoints_and_the_record_only(tmp_path):
     checkpoint(tmp_path, 2)
     (tmp_path / RUN_RECORD).write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "my_eval.json").write_text("{}")  # a user's own JSON: not the run's, whatever its suffix
     assert prepare(tmp_path, overwrite=True) is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_eval.json", "notes.txt"]
     with pytest.raises(UsageError, match="overwrite_output_dir=true starts a new run; it cannot be combined with "
                                          "resume_from_checkpoint"):
         prepare(tmp_path, overwrite=True, resume_from=checkpoint(tmp_path, 3))

@@ -428,3 +428,126 @@ def test_recipe_fields_are_checked(fields, message):
 
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ArithmeticScratchRecipe.from_dict(fields)
+
+
+def test_a_base_below_its_sft_target_is_said_recorded_reported_and_refused_on_request(tmp_path, capsys):
+    """Fine-tuning that stops below sft_target: one line saying by how much, the probe's accuracy and the target in
+    base.json, a warning at the top of the report, and with require_sft_target a refusal at every start."""
+    from trl_thr.cli import study_report
+    from trl_thr.cli.study_recipes import ArithmeticScratchRecipe, check_sft_target, prepare
+
+    recipe = ArithmeticScratchRecipe.from_dict(dict(test_problems=8, train_problems=16, sft_problems=32,
+                                                    scratch_hidden=16, scratch_layers=1, sft_steps=2,
+                                                    sft_eval_every=1, sft_target=0.9, sft_batch_size=4))
+    prepare(recipe, tmp_path, "chat-boxed-short", 6)
+    record = json.loads((tmp_path / "base.json").read_text())
+    assert record["sft"]["target_reached"] is False and record["sft"]["steps"] == 2
+    capsys.readouterr()  # the fine-tuning's own lines
+    check_sft_target(recipe, tmp_path / "base.json")
+    said = capsys.readouterr().out.strip()
+    assert said.startswith("[study] warning: the base model's fine-tuning ended at ") and \
+        "% greedy accuracy on its probe after 2 steps, below its sft_target of 90 %" in said
+    strict = ArithmeticScratchRecipe.from_dict({**{k: getattr(recipe, k) for k in ("test_problems", "train_problems",
+                                                "sft_problems", "sft_steps", "sft_target")}, "require_sft_target": True})
+    with pytest.raises(UsageError, match="below its sft_target of 90 %.*set require_sft_target: false to go on"):
+        check_sft_target(strict, tmp_path / "base.json")
+    (tmp_path / "study.json").write_text(json.dumps({"design": {"arms": {}}, "seeds": [0, 1]}))
+    result = study_report.summarize(tmp_path)
+    assert result["base_warning"].startswith("the base model's fine-tuning ended at ")
+
+
+def test_preparing_a_base_prints_no_deepspeed_accelerator_warning(tmp_path):
+    """transformers imports DeepSpeed, which would warn that it is "Setting accelerator to CPU" on a machine without
+    CUDA: the study's preparation (in the study process, or a job) tells it first."""
+    from trl_thr.cli.study import Study
+
+    study = Study(train={"prompt_template": "chat-boxed-short", "max_completion_length": 6}, arms=[], seeds=[0, 1],
+                  evals={"": {}}, prepare={"recipe": "arithmetic-scratch", "test_problems": 8, "train_problems": 16,
+                                           "sft_problems": 32, "scratch_hidden": 16, "scratch_layers": 1,
+                                           "sft_steps": 1, "sft_eval_every": 1})
+    code = ("import sys, json; from pathlib import Path; from trl_thr.cli.study import Study; "
+            "from trl_thr.cli.study_units import execute_prepare; "
+            f"execute_prepare(Study(**json.loads({json.dumps(json.dumps(study.__dict__))})), Path(sys.argv[1]))")
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "base" / "config.json").exists()
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
+
+
+def fake_commands(arguments, log, children=None):
+    """`trl-thr train` and `eval` as `study_units.run_command` runs them, without a model: a checkpoint with a log
+    history, and an evaluation result whose metrics say which set they come from."""
+    config = yaml.safe_load(Path(arguments[2]).read_text())
+    out = Path(config["output_dir"])
+    if arguments[0] == "train":
+        (out / "checkpoint-2").mkdir(parents=True)
+        (out / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 2,
+                                                                                               "reward": 0.5}]}))
+    else:
+        accuracy = {"math": 0.25, "aime": 0.125}[config["benchmark"]]
+        (out / f"{config['run_name']}.json").write_text(json.dumps({
+            "metrics": {"greedy_accuracy": accuracy, "pass@1": accuracy}, "config": {"benchmark": config["benchmark"]}}))
+    return 1.0
+
+
+def test_a_run_with_p_in_its_name_is_recorded_where_the_study_looks_with_every_evaluation_set(tmp_path):
+    """The record of `amplify:0.5` is `records/amplify_p0.5-s0.json`, where every worker looks for it (a restart does
+    not train it again), and holds the metrics of each evaluation set, not of the first only."""
+    from trl_thr.cli.study_units import execute, run_units
+
+    config = yaml.safe_load(TINY_STUDY.read_text())
+    study = Study(train=config["train"], arms=parse_arms(["amplify:0.5"]), seeds=[0, 1],
+                  evals={"math": {"benchmark": "math"}, "aime": {"benchmark": "aime"}})
+    bind_directory(study, tmp_path, {"amplify:0.5": {"thr_strategy": "amplify", "thr_p": 0.5, "max_grad_norm": 1.0}})
+    unit = run_units(study)[0]
+    with patch("trl_thr.cli.study_units.run_command", side_effect=fake_commands) as commands:
+        execute(study, tmp_path, unit, {"base_sha256": None})
+        assert unit.done(tmp_path) and (tmp_path / "records" / "amplify_p0.5-s0.json").exists()
+        execute(study, tmp_path, unit, {"base_sha256": None})  # done: nothing runs again
+    assert [call.args[0][0] for call in commands.call_args_list] == ["train", "eval", "eval"]
+    record = json.loads((tmp_path / "records" / "amplify_p0.5-s0.json").read_text())
+    assert record["metrics"] == {"math/greedy_accuracy": 0.25, "math/pass@1": 0.25, "aime/greedy_accuracy": 0.125,
+                                 "aime/pass@1": 0.125}
+    assert set(record["eval_config"]) == {"math", "aime"} and record["thr_p"] == 0.5
+
+
+def test_a_restart_with_other_evaluation_settings_is_refused(tmp_path, capsys):
+    """Runs evaluated differently do not join one study: n_samples or the benchmark of a restart must match."""
+    config = yaml.safe_load(TINY_STUDY.read_text())
+    bind_directory(Study(train=config["train"], arms=parse_arms(config["arms"]), seeds=[0, 1],
+                         evals={"": config["eval"]}, reference_arm="grpo"), tmp_path / "study", {})
+    for flags, difference in ((["--n_samples", "8"], "eval.n_samples: 4 -> 8"),
+                              (["--benchmark", "gsm8k-test"], "eval.benchmark: 'arithmetic' -> 'gsm8k-test'")):
+        assert study_cli(tmp_path, *flags) == 2
+        assert f"is a study made with a different config ({difference})" in capsys.readouterr().err
+
+
+def test_the_split_keeps_the_test_questions_out_of_training_and_is_the_same_every_time(tmp_path):
+    """Arithmetic by question: no test question in the RL or fine-tuning split; by fact: no test fact (operation,
+    operands) in them, in any phrasing; either way the same files from the same fields (a seeded draw)."""
+    import re
+
+    from trl_thr.cli.study_recipes import ArithmeticScratchRecipe, prepare_task
+
+    def fact(question):
+        a, b = map(int, re.findall(r"\d+", question)[:2])
+        operation = "add" if ("+" in question or "more" in question) else "sub" if (
+            "-" in question or "gives away" in question) else "mul"
+        return operation, a, b
+
+    for split_by in ("question", "fact"):
+        recipe = ArithmeticScratchRecipe.from_dict(dict(split_by=split_by, max_operand=12, test_problems=40,
+                                                        train_problems=120, sft_problems=200))
+        paths = prepare_task(recipe, tmp_path / split_by / "a" / "data")
+        again = prepare_task(recipe, tmp_path / split_by / "b" / "data")
+        rows = {name: [json.loads(line) for line in Path(paths[name]).read_text().splitlines()]
+                for name in ("test", "train", "sft")}
+        for name in ("test", "train", "sft"):
+            assert Path(paths[name]).read_bytes() == Path(again[name]).read_bytes(), (split_by, name)
+        seen = {row["question"] for name in ("train", "sft") for row in rows[name]}
+        assert not seen & {row["question"] for row in rows["test"]} and paths["test_questions_seen_in_training"] == 0
+        if split_by == "fact":
+            trained = {fact(question) for question in seen}
+            assert not trained & {fact(row["question"]) for row in rows["test"]}

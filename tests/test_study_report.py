@@ -206,3 +206,69 @@ def test_the_committed_section_6_studies_give_what_science_md_quotes(study, seed
             else:  # the replication table gives all 16 seeds in its last column
                 quoted = f"| {mean:+.1f} ± {half:.1f} (MDE {mde:.1f}) |\n"
             assert quoted in science, (name, metric, quoted)
+
+
+def test_every_arm_has_one_colour_on_every_panel_and_plot(tmp_path):
+    """GRPO and the entropy arm log no thr/* metric: the THR panels leave them out and every other arm keeps its own
+    colour there (matplotlib's colour cycle would shift them), the legend says which colour is which, and a metric
+    logged at a single step is still drawn (a marker)."""
+    import matplotlib.figure
+    from unittest.mock import patch
+
+    records = [record(arm, seed, value) for seed, arms in GREEDY.items() for arm, value in arms.items()]
+    for r in records:
+        if r["arm"] == "amplify:0":  # one logged step of thr/entropy_overlap
+            r["log_history"][0]["thr/entropy_overlap"] = 0.9
+    write_study(tmp_path, records)
+    result = study_report.summarize(tmp_path)
+    figures = []
+    with patch.object(matplotlib.figure.Figure, "savefig", autospec=True,
+                      side_effect=lambda figure, *args, **kwargs: figures.append(figure)):
+        study_report.plot_curves(records, result, tmp_path / "curves.png")
+        study_report.plot_pass_at_k(result, tmp_path / "pass_at_k.png")
+    colours = study_report.arm_colours(result)
+    assert len(set(colours.values())) == len(ARMS)
+    drawn = {}
+    for figure in figures:
+        for axis in figure.axes:
+            for line in axis.get_lines():
+                if line.get_label() in ARMS:
+                    drawn.setdefault(line.get_label(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+                    title = axis.get_title()
+                    if title.startswith("THR: dominant"):
+                        assert line.get_label() == "amplify:0" and line.get_marker() == "o"
+        for legend in figure.legends + [axis.get_legend() for axis in figure.axes if axis.get_legend()]:
+            for handle, text in zip(legend.legend_handles, legend.get_texts()):
+                if text.get_text() in ARMS:
+                    assert matplotlib.colors.to_hex(handle.get_color()) == colours[text.get_text()]
+    assert drawn == {arm: {colour} for arm, colour in colours.items()}
+
+
+def test_zero_variance_is_not_an_mde_of_zero():
+    assert study_report.fmt({"mean": 0.0, "ci95": 0.0, "mde80": 0.0, "n": 2}, percent=True, signed=True) == \
+        "+0.0 (no variance)"
+    assert study_report.fmt({"mean": 0.01, "ci95": 0.02, "mde80": 0.03, "n": 2}, percent=True) == "1.0 ± 2.0 (MDE 3.0)"
+
+
+def test_the_arms_table_labels_each_column_with_its_own_arm_and_the_base_in_percent(tmp_path):
+    """Arms in an order that is not sorted, each with its own value: every column under its own label; the base
+    model's column in percent where the row is."""
+    order = {"zeta": 0.10, "alpha": 0.30, "mid": 0.20}
+    records = [{**record("grpo", seed, value), "arm": arm, "overrides": {"thr_strategy": "none"}}
+               for arm, value in order.items() for seed in (0, 1)]
+    (tmp_path / "records").mkdir()
+    design = {"train": {}, "arms": {arm: {"thr_strategy": "none"} for arm in order}, "evals": {"": {}},
+              "prepare": None, "reference_arm": None, "contrasts": []}
+    (tmp_path / "study.json").write_text(json.dumps({"design": design, "seeds": [0, 1]}))
+    for r in records:
+        (tmp_path / "records" / f"{run_name(r['arm'], r['seed'])}.json").write_text(json.dumps(r))
+    (tmp_path / "base-eval").mkdir()
+    (tmp_path / "base-eval" / "base.json").write_text(json.dumps({"metrics": {"greedy_accuracy": 0.25}}))
+    table = study_report.markdown(study_report.summarize(tmp_path))
+    header = next(line for line in table.splitlines() if line.startswith("| metric | base |"))
+    row = next(line for line in table.splitlines() if line.startswith("| greedy_accuracy (%) |"))
+    labels = [cell.strip().split(" (n=")[0] for cell in header.strip("|").split("|")[2:]]
+    values = [cell.strip() for cell in row.strip("|").split("|")]
+    assert labels == list(order)
+    assert values[1] == "25.0"  # the base, in percent
+    assert values[2:] == [f"{100 * order[arm]:.1f} (no variance)" for arm in labels]

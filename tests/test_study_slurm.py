@@ -264,3 +264,24 @@ def test_a_job_of_several_nodes_trains_on_each(monkeypatch):
     shown = subprocess.run(["bash", "-c", across_nodes(["train"])[-1].replace("exec ", "echo ", 1)],
                            env={**os.environ, "SLURM_NODEID": "1"}, capture_output=True, text=True)
     assert shown.stdout.split()[-2:] == ["--machine_rank", "1"]
+
+
+def test_the_paper_recipes_launcher_section_uncommented_is_a_valid_launcher(tmp_path):
+    """The paper comparison's commented `launcher:` section, once uncommented, parses and fits its runs (8 processes,
+    one per GPU)."""
+    from trl_thr.cli.commands.study import build_launcher, build_parser, build_study
+    from trl_thr.cli.study_coordinator import check_resources
+
+    recipe = Path(__file__).parents[1] / "examples" / "configs" / "study_paper_qwen2.5_math_1.5b.yaml"
+    lines = recipe.read_text().splitlines()
+    start = lines.index("# launcher:")
+    section = [line[2:] for line in lines[start:] if line.startswith("# ")]
+    uncommented = tmp_path / "configs" / recipe.name
+    uncommented.parent.mkdir()
+    shutil.copy(recipe.parent / "paper_qwen2.5_math_1.5b.yaml", uncommented.parent)
+    uncommented.write_text("\n".join(lines[:start] + section) + "\n")
+    args, rest = build_parser().parse_known_args(["--config", str(uncommented), "--output_dir", str(tmp_path / "s"),
+                                                  "--num_processes", "8", "--accelerate_config", "multi_gpu"])
+    launcher = build_launcher(args)
+    assert (launcher.type, launcher.gpus_per_node, launcher.time) == ("slurm", 8, "2-00:00:00")
+    check_resources(launcher, build_study(args, rest))

@@ -573,6 +573,24 @@ def test_unknown_positive_reward_func(tiny_model_path, tmp_path):
         THRGRPOTrainer(model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset())
 
 
+def length_in_the_first_group(completion_ids, **kwargs):
+    """The length in group 0 (rows 0-3), the same reward for every completion of group 1: THR skips group 1."""
+    return [float(len(ids)) if row < NUM_GENERATIONS else 1.0 for row, ids in enumerate(completion_ids)]
+
+
+def test_the_entropy_overlap_masks_cover_the_groups_thr_applies_to_only(tiny_model_path, tmp_path):
+    """The masks a generation batch carries to the loss forward for `thr/entropy_overlap`: `thr_active` is the counted
+    tokens of the groups THR applies to (a group it skips takes no part in the entropy quantile), and the dominant
+    tokens are among them."""
+    trainer = ragged_trainer(tiny_model_path, tmp_path, reward_funcs=length_in_the_first_group,
+                             thr_strategy="positive-amplify", thr_threshold="anchor")
+    batch, _ = generate(trainer, tiny_model_path)
+    counted = batch["completion_mask"].bool()
+    assert torch.equal(batch["thr_active"][:NUM_GENERATIONS], counted[:NUM_GENERATIONS])
+    assert not batch["thr_active"][NUM_GENERATIONS:].any() and counted[NUM_GENERATIONS:].any()
+    assert batch["thr_dominant"].any() and not (batch["thr_dominant"] & ~batch["thr_active"]).any()
+
+
 def direct_entropy_overlap(path, inputs, dominant, active, temperature):
     """`thr/entropy_overlap` by its definition, from a float64 forward of its own: of the dominant tokens, the share
     whose sampling entropy is at least the 0.8 quantile of the active tokens' entropies."""

@@ -200,11 +200,19 @@ def markdown_table(results: list[dict], labels: list[str] | None = None) -> str:
     keys.sort(key=lambda k: (k != "greedy_accuracy", not k.startswith("mean@"), _k_of(k)))
     names = labels or [r["config"]["run_name"] for r in results]
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    if len(results) > 1:  # which model each column is
+        lines.append("| model | " + " | ".join(model_label(r["config"]) for r in results) + " |")
     for key in keys:
         cells = [f"{100 * r['metrics'][key]:.1f}" if key in r["metrics"] else "-" for r in results]
         lines.append(f"| {key} (%) | " + " | ".join(cells) + " |")
     lines.append("| problems | " + " | ".join(str(r["metrics"]["problems"]) for r in results) + " |")
     return "\n".join(lines)
+
+
+def model_label(config: dict) -> str:
+    """The model a result was made with, as its command named it (and its adapter)."""
+    model = config.get("model") or "?"
+    return f"{model} + {config['adapter']}" if config.get("adapter") else model
 
 
 def run_labels(results: list[dict], sources: list[str]) -> list[str]:

@@ -90,6 +90,16 @@ def config_distributed_type(name_or_path: str) -> str | None:
 LAUNCHER_VARIABLE = "TRL_THR_LAUNCHER_PID"
 
 
+def deepspeed_on_this_machine() -> None:
+    """Tell DeepSpeed it runs on the CPU where there is no CUDA, before anything imports it: transformers' integrations
+    import it even when unused, and it would warn on every run that it "was unable to detect" an accelerator and is
+    "Setting accelerator to CPU", which is its choice on such a machine either way."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def inside_launched_process() -> bool:
     """Whether this process was started by `accelerate launch`/torchrun (which set the rank variables)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ

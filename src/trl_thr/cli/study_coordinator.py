@@ -26,6 +26,7 @@ from .study import (
     with_recipe_outputs,
 )
 from .study_launchers import LauncherConfig, make_launcher
+from .study_recipes import check_sft_target, parse_recipe
 from .study_locks import Held, acquire, blocking, describe
 from .study_units import BASE, PREPARE, Unit, base_unit, prepare_unit, run_units, say, unit_provenance, units_of
 
@@ -325,6 +326,7 @@ def run_study(study: Study, root: Path, config: LauncherConfig | None = None) ->
         if study.prepare is not None:
             coordinator.run([prepare_unit(study, root)])
             coordinator.check(PREPARE)
+            check_sft_target(parse_recipe(study.prepare), root / "base.json")
         provenance = unit_provenance(study)
         check_same_base(root, study.train["model_name_or_path"], provenance["base_sha256"])
         launcher.provenance = provenance

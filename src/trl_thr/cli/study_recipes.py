@@ -45,6 +45,9 @@ class ArithmeticScratchRecipe:
     sft_steps: int = field(default=600, metadata={"help": "Fine-tuning steps at most (0: no fine-tuning)."})
     sft_target: float | None = field(default=None, metadata={
         "help": "Stop fine-tuning at this greedy accuracy on a probe of 128 training questions."})
+    require_sft_target: bool = field(default=False, metadata={
+        "help": "Refuse to train the arms when fine-tuning ended below sft_target (otherwise the study says so and "
+                "goes on: a base that rarely earns a reward gives runs that rarely learn)."})
     sft_eval_every: int = field(default=100, metadata={"help": "Probe the accuracy every this many steps."})
     sft_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the fine-tuning."})
     sft_batch_size: int = field(default=64, metadata={"help": "Sequences per fine-tuning step."})
@@ -300,8 +303,10 @@ def supervised_fine_tune(model_dir: Path, out_dir: Path, task: dict, recipe: Ari
                 break
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    reached = history[-1]["probe_greedy_accuracy"] if history else None
     return {"steps": history[-1]["step"] if history else 0, "history": history,
-            "seconds": round(time.time() - started, 1)}
+            "seconds": round(time.time() - started, 1), "probe_greedy_accuracy": reached,
+            "target_reached": None if recipe.sft_target is None else reached is not None and reached >= recipe.sft_target}
 
 
 def recipe_outputs(recipe: ArithmeticScratchRecipe, root: Path) -> dict:
@@ -311,6 +316,30 @@ def recipe_outputs(recipe: ArithmeticScratchRecipe, root: Path) -> dict:
     else:
         model = str(root / "scratch-init") if recipe.model == "scratch" else recipe.model
     return {"model": model, "train": str(root / "data" / "train.jsonl"), "test": str(root / "data" / "test.jsonl")}
+
+
+def sft_target_missed(record: dict) -> str | None:
+    """One line saying that the recipe's fine-tuning ended below its `sft_target`, from its `base.json`; None if it
+    reached it or had none."""
+    sft, target = record.get("sft") or {}, record.get("sft_target")
+    history = sft.get("history") or []
+    if target is None or not history or history[-1]["probe_greedy_accuracy"] >= target:
+        return None
+    return (f"the base model's fine-tuning ended at {100 * history[-1]['probe_greedy_accuracy']:.1f} % greedy "
+            f"accuracy on its probe after {history[-1]['step']} steps, below its sft_target of {100 * target:.0f} %: "
+            "its runs start from a base that rarely earns a reward")
+
+
+def check_sft_target(recipe: ArithmeticScratchRecipe, record_path: Path) -> None:
+    """Say (once per study command) or refuse, with `require_sft_target`, a base that missed its target."""
+    missed = sft_target_missed(json.loads(record_path.read_text()))
+    if missed is None:
+        return
+    if recipe.require_sft_target:
+        raise UsageError(f"{missed} ({record_path}); raise prepare.sft_steps or sft_lr and remove {record_path.name} "
+                         "and base/ to fine-tune again, or set require_sft_target: false to go on.")
+    print(f"[study] warning: {missed}. Raise prepare.sft_steps or sft_lr, or set prepare.require_sft_target: true "
+          "to stop here.", flush=True)
 
 
 def prepare(recipe: ArithmeticScratchRecipe, root: Path, prompt_template: str, max_new_tokens: int) -> dict:

@@ -16,6 +16,8 @@ steps: `reward`, `grad_norm` (before clipping), `clipped_frac` (share of steps w
   (arms that differ only in `thr_strategy`/`thr_p`, among the amplify strategies and `dominant-only` at p = 0), with
   `arms`, `per_seed`, `seeds`; `slope_lines`: every such line with two or more values of p;
 - `runs`, `finished_runs`, `planned_runs`, `missing_runs`, `base` (the base model's metrics), `seconds`;
+- `base_warning`: only where a preparation recipe's fine-tuning ended below its `sft_target` (`base.json`): by how
+  much, in one line;
 - `bases`: only where the runs started from more than one base model: fingerprint of its weights (`base_sha256`,
   or "not recorded") -> seeds.
 
@@ -198,6 +200,12 @@ def summarize(root: Path) -> dict:
     bases = base_seeds(records)
     if len(bases) > 1:
         result["bases"] = bases
+    if (root / "base.json").exists():  # a preparation recipe's record of the base model
+        from .study_recipes import sft_target_missed
+
+        missed = sft_target_missed(read_record(root / "base.json"))
+        if missed is not None:
+            result["base_warning"] = missed
     for base_path in (root / "base-eval" / "base.json", root / "base-eval.json"):
         if base_path.exists():
             result["base"] = read_record(base_path)["metrics"]
@@ -217,6 +225,8 @@ def fmt(entry: dict | None, percent: bool, signed: bool = False, mde: bool = Tru
     sign = "+" if signed else ""
     digits = ".1f" if percent else ".3g"
     text = f"{scale * entry['mean']:{sign}{digits}}"
+    if entry.get("ci95") == 0:  # every seed gave the same value: an MDE of 0 would read as a sharp measurement
+        return text + " (no variance)"
     if entry.get("ci95") is not None:
         text += f" ± {scale * entry['ci95']:{digits}}"
     if mde and entry.get("mde80") is not None:
@@ -276,6 +286,8 @@ def markdown(result: dict) -> str:
                                             if len(missing) > 12 else "")
         lines.append(f"**Partial: {len(result['finished_runs'])} of {len(result['planned_runs'])} runs finished; "
                      f"missing: {listed}.**\n")
+    if "base_warning" in result:
+        lines.append(f"**Warning: {result['base_warning']} (base.json).**\n")
     if "bases" in result:
         listed = "; ".join(f"{base}: seeds {', '.join(map(str, seeds))}" for base, seeds in result["bases"].items())
         counts = Counter(seed for seeds in result["bases"].values() for seed in seeds)
@@ -330,14 +342,27 @@ def _pyplot():
     return plt
 
 
+def arm_colours(result: dict) -> dict[str, str]:
+    """One colour per arm, the same on every panel and plot of a study (in the order of its arms)."""
+    plt = _pyplot()
+    arms = list(result["arms"])
+    cycle = plt.get_cmap("tab10" if len(arms) <= 10 else "tab20").colors
+    return {arm: matplotlib_hex(cycle[index % len(cycle)]) for index, arm in enumerate(arms)}
+
+
+def matplotlib_hex(rgb) -> str:
+    return "#" + "".join(f"{round(255 * channel):02x}" for channel in rgb[:3])
+
+
 def plot_pass_at_k(result: dict, path: Path) -> None:
     plt = _pyplot()
+    colours = arm_colours(result)
     figure, axis = plt.subplots(figsize=(6, 4))
     for arm, metrics in result["arms"].items():
         ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith("pass@"))
         axis.errorbar(ks, [100 * metrics[f"pass@{k}"]["mean"] for k in ks],
                       yerr=[100 * (metrics[f"pass@{k}"]["ci95"] or 0) for k in ks], marker="o", markersize=3,
-                      capsize=2, label=arm)
+                      capsize=2, label=arm, color=colours[arm])
     if "base" in result:
         ks = sorted(int(k.split("@")[1]) for k in result["base"] if k.startswith("pass@"))
         axis.plot(ks, [100 * result["base"][f"pass@{k}"] for k in ks], linestyle=":", color="black", label="base")
@@ -399,24 +424,30 @@ def plot_dose_response(records: list[dict], result: dict, path: Path) -> None:
 def plot_curves(records: list[dict], result: dict, path: Path, smooth: int = 10) -> None:
     """Per arm the mean over seeds of each logged metric (moving average over `smooth` steps)."""
     plt = _pyplot()
+    colours = arm_colours(result)
     figure, axes = plt.subplots(2, 3, figsize=(13, 6.4))
     for axis, (key, title) in zip(axes.flat, CURVES):
         for arm in result["arms"]:
             runs = [run for r in records if r["arm"] == arm and (run := series(r["log_history"], key))]
-            if not runs:
+            if not runs:  # e.g. no thr/* metric in a GRPO arm: the panel leaves the arm out, its colour stays its own
                 continue
             steps = sorted(set.intersection(*(set(run) for run in runs)))
             mean = [sum(run[s] for run in runs) / len(runs) for s in steps]
             smoothed = [sum(mean[max(0, i - smooth + 1) : i + 1]) / len(mean[max(0, i - smooth + 1) : i + 1])
                         for i in range(len(mean))]
-            axis.plot(steps, smoothed, label=arm)
+            # Markers where a line has too few points to be seen as one (a single logged step draws nothing else).
+            axis.plot(steps, smoothed, label=arm, color=colours[arm], marker="o" if len(steps) < 20 else None,
+                      markersize=3)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    if axes.flat[0].get_legend_handles_labels()[0]:
-        axes.flat[0].legend(fontsize=7)
+    from matplotlib.lines import Line2D
+
+    figure.legend([Line2D([], [], color=colours[arm]) for arm in result["arms"]], list(result["arms"]),
+                  loc="lower center", ncol=min(len(result["arms"]), 6), fontsize=8, frameon=False)
     figure.suptitle(f"Training curves: mean over seeds, moving average of {smooth} steps", fontsize=10)
-    figure.tight_layout()
+    rows = -(-len(result["arms"]) // 6)
+    figure.tight_layout(rect=(0, 0.03 * rows + 0.02, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -85,7 +85,7 @@ def record_path(root: Path, name: str) -> Path:
 
 def run_units(study: Study) -> list[Unit]:
     """Every run of the study, whole seeds first, so that a study stopped early has every arm of its first seeds."""
-    return [Unit(name, (f"records/{name}.json",), arm, seed)
+    return [Unit(name, (record_path(Path(), name).as_posix(),), arm, seed)
             for arm, seed in study.run_order() for name in [run_name(arm.name, seed)]]
 
 
@@ -283,7 +283,7 @@ def execute_run(study: Study, root: Path, unit: Unit, provenance: dict, children
         "metrics": metrics, "eval_config": eval_configs, "log_history": trained["log_history"],
         **provenance,
     }
-    write_json_atomically(record_path(root, unit.name), portable(record, root))
+    write_json_atomically(unit.product(root), portable(record, root))
     return record
 
 
@@ -301,8 +301,11 @@ def execute_base(study: Study, root: Path, provenance: dict, children: Children 
 
 def execute_prepare(study: Study, root: Path) -> dict:
     """Run the study's preparation recipe: its data splits and base model."""
+    from .launch import deepspeed_on_this_machine
     from .study_recipes import parse_recipe
     from .study_recipes import prepare as run_recipe
+
+    deepspeed_on_this_machine()  # the recipe imports transformers
 
     say("preparing the data and the base model (recipe " f"{study.prepare.get('recipe')})")
     return run_recipe(parse_recipe(study.prepare), root, study.train.get("prompt_template", "qwen-math-boxed"),

@@ -11,6 +11,7 @@ settings, seed, max tokens and problem set, so an interrupted run resumes instea
 checkpoint is never served old samples.
 """
 
+import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -162,6 +163,7 @@ def evaluate(args) -> dict:
                             batch_size=args.batch_size if backend == "transformers" else None, greedy=args.greedy,
                             problems_digest=problems_digest(questions, golds), weights=weights,
                             adapter_weights=adapter_weights)
+    check_result_owner(Path(args.output_dir) / f"{run_name(args)}.json", settings)
     cache = GenerationCache(cache_dir / f"{settings.key()}.jsonl")
     reused = sum(index < len(questions) for index in cache.done)
     if reused:
@@ -179,11 +181,44 @@ def evaluate(args) -> dict:
     return result
 
 
+# Directory names that say where a run saved its model, not which run it is (`trl-thr study` saves every run's model
+# as `runs/<run>/model`): a default result name starts with the directory above them as well.
+GENERIC_MODEL_DIRS = re.compile(r"^(model|final|final_model|merged|checkpoint-\d+)$")
+
+
 def run_name(args) -> str:
+    """The result's name: `run_name`, else the model's (its last directory, with the one above where that is a
+    generic name such as `model` or `checkpoint-500`) and the benchmark's."""
     if args.run_name:
         return args.run_name
-    model = Path(args.adapter_name_or_path or args.model_name_or_path).name
+    path = Path(args.adapter_name_or_path or args.model_name_or_path)
+    model = f"{path.parent.name}-{path.name}" if GENERIC_MODEL_DIRS.match(path.name) and path.parent.name else path.name
     return f"{model}-{Path(args.benchmark).stem}".replace(":", "-")
+
+
+def same_model(first: str | None, second: str | None) -> bool:
+    """Whether two model names are the same model: the same local directory however spelt, or the same hub id."""
+    if first is None or second is None:
+        return first == second
+    return Path(first).resolve() == Path(second).resolve() if Path(first).exists() or Path(second).exists() \
+        else first == second
+
+
+def check_result_owner(path: Path, settings) -> None:
+    """Refuse to replace a result of another model (another directory or hub id, or another adapter) with this one's:
+    the same model, even retrained in place, replaces its own result."""
+    from trl_thr.cli.evaluation import load_results
+
+    if not path.exists():
+        return
+    try:
+        earlier = load_results(str(path))["config"]
+    except (ValueError, OSError, KeyError):
+        return  # not a result of ours, or unreadable: written over, as before
+    if not (same_model(earlier.get("model"), settings.model) and same_model(earlier.get("adapter"), settings.adapter)):
+        raise UsageError(f"{path} holds the results of another model ({earlier.get('model')}"
+                         + (f" with adapter {earlier['adapter']}" if earlier.get("adapter") else "")
+                         + "); set --run_name to name this one, or use another output_dir.")
 
 
 def write_outputs(results: list[dict], output_dir: Path, name: str, labels: list[str],

@@ -12,7 +12,6 @@ arguments at all, the demo runs (`--config demo` is the same, with flags that ov
 """
 
 import importlib.resources
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +24,7 @@ from trl_thr.cli.launch import (
     LaunchArguments,
     accelerate_launch_args,
     config_distributed_type,
+    deepspeed_on_this_machine,
     end_processes,
     inside_launched_process,
     launch_script,
@@ -255,10 +255,7 @@ def main(argv: list[str] | None = None):
     from trl_thr.cli.templates import get_template
 
     argv = sys.argv[1:] if argv is None else argv
-    if not torch.cuda.is_available():
-        # DeepSpeed (imported by transformers' integrations even when unused) would warn on every run that it "was
-        # unable to detect" an accelerator; on a machine without CUDA its choice is the CPU either way.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed_on_this_machine()
     demo = is_demo(argv)
     (script_args, training_args, model_args, mixture_args, launch_args), argv = parse_args(argv)
     check_choices(training_args)

@@ -1,5 +1,7 @@
 """THRGRPOConfig: defaults, validation messages and parsing with TRL's parser."""
 
+import tempfile
+from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
 import pytest
@@ -10,7 +12,8 @@ from trl_thr import THRGRPOConfig
 
 
 def config(**kwargs):
-    return THRGRPOConfig(**{**CPU, "output_dir": "/tmp/thr-config-test", "per_device_train_batch_size": 8, **kwargs})
+    output_dir = str(Path(tempfile.gettempdir()) / "thr-config-test")  # never written: a config only
+    return THRGRPOConfig(**{**CPU, "output_dir": output_dir, "per_device_train_batch_size": 8, **kwargs})
 
 
 def test_defaults_follow_the_paper():

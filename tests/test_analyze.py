@@ -53,6 +53,9 @@ def test_statistics_by_hand():
     # top 40 % of 5 active tokens = 2 tokens: by |THR| {3.0, -2.0}, by entropy {2.0, 1.5}: the same tokens
     overlap = stats["entropy_overlap"]
     assert overlap["high_thr_tokens"] == 2 and overlap["overlap_frac"] == 1.0
+    # the training metric's definition: of the 2 dominant tokens (anchor), those with entropy >= the 0.6 quantile
+    assert overlap["dominant_tokens"] == 2 and overlap["dominant_share"] == 1.0
+    assert overlap["per_group"]["dominant_share"] == {"groups": 1}  # one active group: no interval
 
 
 def test_top_tokens_with_context():

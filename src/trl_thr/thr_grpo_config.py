@@ -94,6 +94,13 @@ class THRGRPOConfig(GRPOConfig):
     mean weight.
     """
 
+    # GRPOConfig's field, with the value THR adds named in its help (`trl-thr train --help`); same default.
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={"help": "'token' (a ratio per token), 'sequence' (GSPO: one ratio per completion) or "
+                  "'sequence_token' (GSPO-token: the sequence ratio's value with a per-token gradient, how THR "
+                  "combines with GSPO; added by trl-thr)."},
+    )
     thr_strategy: str = field(
         default="positive-amplify",
         metadata={

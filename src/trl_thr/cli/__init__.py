@@ -108,7 +108,12 @@ def parse_arguments(dataclass_types: tuple, argv: list[str], command: str) -> tu
 
     argv = split_config_flag(argv)
     check_config_file(argv)
-    parser = TrlParser(dataclass_types, prog=f"trl-thr {command}")
+    description = importlib.import_module(COMMANDS[command][0]).__doc__ if command in COMMANDS else None
+    parser = TrlParser(dataclass_types, prog=f"trl-thr {command}", description=description,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    for action in parser._actions:  # argparse gives `--no_x` the help of `--x`, which says the opposite
+        if action.option_strings and action.option_strings[0].startswith("--no_") and action.const is False:
+            action.help = f"Set {action.dest} to false (see --{action.dest})."
 
     def one_line_error(message: str):  # argparse would print the whole usage (hundreds of lines) before it
         raise UsageError(f"{message}. See `trl-thr {command} --help`.")

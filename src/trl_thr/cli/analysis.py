@@ -142,16 +142,55 @@ def thr_statistics(thr, entropy, batch: GroupBatch, *, beta=1.0, quantiles=(0.1,
         }
     stats["by_correctness"] = split
 
-    magnitudes, entropies = thr.abs()[in_active], entropy[in_active]
-    high_thr = magnitudes > top_fraction_threshold(magnitudes, overlap_quantile)
-    high_entropy = entropies > top_fraction_threshold(entropies, overlap_quantile)
-    stats["entropy_overlap"] = {
-        "quantile": overlap_quantile,
-        "high_thr_tokens": int(high_thr.sum()),
-        "overlap_frac": float((high_thr & high_entropy).sum()) / max(1, int(high_thr.sum())),
-        "chance_frac": float(high_entropy.float().mean()),
-    }
+    stats["entropy_overlap"] = entropy_overlap(thr, entropy, batch, in_active, overlap_quantile, beta)
     return stats
+
+
+def entropy_overlap(thr, entropy, batch: GroupBatch, in_active, quantile: float, beta: float) -> dict:
+    """How much THR's choice of tokens is an entropy mask's, over the tokens of the groups THR applies to, two ways:
+
+    - `overlap_frac`: of the top `quantile` tokens by |THR|, the share also in the top `quantile` by entropy (chance:
+      `chance_frac`);
+    - `dominant_share`: of THR's dominant tokens (|THR| above the group's anchor threshold), the share among the top
+      `quantile` by entropy as TRL's `top_entropy_quantile` takes them (entropy >= the quantile): the training
+      metric `thr/entropy_overlap`, here over the whole batch rather than per micro-batch.
+
+    Each pooled over the batch's tokens, and as a mean over groups with its 95 % t-interval over groups
+    (`per_group`): tokens of one group are not independent draws, groups are.
+    """
+    from .study_stats import mean_interval
+
+    G = batch.num_generations
+    magnitudes, entropies = thr.abs()[in_active], entropy[in_active]
+    high_thr = (thr.abs() > top_fraction_threshold(magnitudes, quantile)) & in_active
+    high_entropy = (entropy > top_fraction_threshold(entropies, quantile)) & in_active
+    trl_threshold = torch.quantile(entropies.double(), 1 - quantile)
+    high_entropy_trl = (entropy >= trl_threshold) & in_active
+    taus = group_thresholds(thr, batch.advantages, batch.completion_mask, G, threshold="anchor", beta=beta,
+                            positive_mask=batch.correct)
+    dominant = dominant_tokens(thr, taus, in_active, G)
+
+    def share(part, whole) -> float | None:
+        return float(part.sum()) / int(whole.sum()) if whole.any() else None
+
+    per_group = {"overlap_frac": [], "dominant_share": []}
+    for start in range(0, thr.size(0), G):
+        rows = slice(start, start + G)
+        for name, part, whole in (("overlap_frac", high_thr & high_entropy, high_thr),
+                                  ("dominant_share", dominant & high_entropy_trl, dominant)):
+            if (value := share(part[rows], whole[rows])) is not None:
+                per_group[name].append(value)
+    return {
+        "quantile": quantile,
+        "high_thr_tokens": int(high_thr.sum()),
+        "overlap_frac": share(high_thr & high_entropy, high_thr) or 0.0,
+        "chance_frac": float(high_entropy[in_active].float().mean()),
+        "dominant_tokens": int(dominant.sum()),
+        "dominant_share": share(dominant & high_entropy_trl, dominant),
+        "dominant_chance": float(high_entropy_trl[in_active].float().mean()),
+        "per_group": {name: {**mean_interval(values), "groups": len(values)} if len(values) >= 2 else
+                      {"groups": len(values)} for name, values in per_group.items()},
+    }
 
 
 def top_tokens(thr, batch: GroupBatch, decode, count=20, context=6):
@@ -262,6 +301,10 @@ def _summary_table(stats: dict) -> str:
         rows.append((f"top {100 * overlap['quantile']:g} % |THR| tokens that are also top "
                      f"{100 * overlap['quantile']:g} % entropy",
                      f"{100 * overlap['overlap_frac']:.1f} % (chance: {100 * overlap['chance_frac']:.1f} %)"))
+        if overlap.get("dominant_share") is not None:
+            rows.append((f"dominant tokens (anchor) that are also top {100 * overlap['quantile']:g} % entropy "
+                         "(thr/entropy_overlap)",
+                         f"{100 * overlap['dominant_share']:.1f} % (chance: {100 * overlap['dominant_chance']:.1f} %)"))
     body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 

@@ -38,7 +38,8 @@ class AnalyzeArguments(ProblemArguments):
     model_name_or_path: str | None = field(default=None, metadata={"help": "Model (hub id, directory, builtin:...)."})
     adapter_name_or_path: str | None = field(default=None, metadata={"help": "LoRA adapter to merge first."})
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Prompts with gold answers: a preset, arithmetic, champ, or a local file."}
+        default=None, metadata={"help": "Prompts with gold answers: a preset (math-500, gsm8k-test, ...), arithmetic, "
+                                "champ, reasoning-gym:<task>, a local file, or a hub id."}
     )
     dataset_data_files: str | None = field(default=None, metadata={"help": "Local copy of a preset."})
     num_prompts: int = field(default=8, metadata={"help": "Prompts to sample groups for (a seeded random subset)."})
@@ -337,6 +338,13 @@ def main(argv=None):
         overlap = stats["entropy_overlap"]
         print(f"  top {100 * overlap['quantile']:g} % |THR| also top entropy: {100 * overlap['overlap_frac']:.1f} % "
               f"(chance {100 * overlap['chance_frac']:.1f} %)")
+        if overlap.get("dominant_share") is not None:
+            print(f"  dominant tokens also top {100 * overlap['quantile']:g} % entropy (thr/entropy_overlap): "
+                  f"{100 * overlap['dominant_share']:.1f} % (chance {100 * overlap['dominant_chance']:.1f} %)")
+        for name, entry in overlap["per_group"].items():
+            if entry.get("ci95") is not None:
+                print(f"    {name} per group: {100 * entry['mean']:.1f} ± {100 * entry['ci95']:.1f} % "
+                      f"(95 % interval over {entry['groups']} groups)")
     if "dynamics" in record:
         print(f"Dynamics ({record['dynamics']['batches']} batches, mean over batches):")
         for arm, values in record["dynamics"]["arms"].items():

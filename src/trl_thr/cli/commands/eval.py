@@ -5,7 +5,9 @@
     trl-thr eval --compare results/grpo.json results/thr-pos.json results/thr-neg.json --output_dir results
 
 Writes `<output_dir>/<run_name>.json` (per-problem samples, answers, correctness, metrics, and every setting that
-determines the generations), `.md` (a table) and `.png` (the Pass@K curve). Generations are cached under
+determines the generations), `.md` (a table) and `.png` (the Pass@K curve). `run_name` defaults to the model's
+directory name (with the one above it where that is `model`, `final` or `checkpoint-N`: runs/grpo-s0/model gives
+`grpo-s0-model-<benchmark>`) and the benchmark's; a result another model wrote under that name is never replaced. Generations are cached under
 `<output_dir>/cache`, keyed on the content of the weights (and adapter) files, dtype, backend, template, sampling
 settings, seed, max tokens and problem set, so an interrupted run resumes instead of starting over and a changed
 checkpoint is never served old samples.

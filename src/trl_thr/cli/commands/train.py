@@ -66,8 +66,9 @@ class THRScriptArguments(ScriptArguments, ProblemArguments):
     plot: bool = field(default=True, metadata={"help": "Save thr_metrics.png (reward and THR metrics) at the end."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start a new run in an output_dir that holds checkpoints of another run: its checkpoint-* "
-                  "directories are deleted first. Without it, such a directory is refused."},
+        metadata={"help": "Start a new run in an output_dir that holds another run (finished, or its checkpoints): "
+                  "that run's model files, checkpoints, record, thr_heatmaps/ and completions/ are deleted first; "
+                  "other files stay. Without it, such a directory is refused."},
     )
     force_resume: bool = field(
         default=False,

@@ -551,3 +551,17 @@ def test_the_split_keeps_the_test_questions_out_of_training_and_is_the_same_ever
         if split_by == "fact":
             trained = {fact(question) for question in seen}
             assert not trained & {fact(row["question"]) for row in rows["test"]}
+
+
+def test_every_recipe_and_launcher_field_is_documented():
+    """docs/cli.md lists each field of the `prepare:` recipe (in its table) and of the `launcher:` section."""
+    from dataclasses import fields
+
+    from trl_thr.cli.study_launchers import LauncherConfig
+    from trl_thr.cli.study_recipes import ArithmeticScratchRecipe
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    assert [f.name for f in fields(ArithmeticScratchRecipe) if f"| `{f.name}` |" not in text] == []
+    slurm_section = text.split("## `trl-thr study` on a SLURM cluster")[1].split("\n## ")[0]
+    assert [name for name in LauncherConfig.field_names() if name not in ("type", "workers")
+            and f"`{name}`" not in slurm_section] == []

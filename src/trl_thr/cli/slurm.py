@@ -66,9 +66,12 @@ def queued_states(job_ids: list[str]) -> dict[str, str]:
     try:
         output = _run(["squeue", "--noheader", "--format=%i %T", f"--jobs={','.join(job_ids)}"])
     except SlurmError as error:
-        if "Invalid job id" in str(error):  # every one of them has left the queue
+        if "Invalid job id" not in str(error):
+            raise
+        if len(job_ids) == 1:  # it has left the queue
             return {}
-        raise
+        # Some versions refuse the whole list for one id that has left: ask for each.
+        return {job: state for one in job_ids for job, state in queued_states([one]).items()}
     states = {}
     for line in output.splitlines():
         job, _, state = line.strip().partition(" ")

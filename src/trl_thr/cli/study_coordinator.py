@@ -118,7 +118,8 @@ class Coordinator:
                         queue.appendleft(unit)
                 while queue and len(active) < launcher.capacity:
                     unit = queue.popleft()
-                    if unit.done(root):
+                    if unit.done(root):  # done meanwhile by another worker
+                        self.progress.finished(unit)
                         continue
                     held = blocking(unit.directory(root) / "lock")
                     if held is not None:

@@ -328,8 +328,8 @@ class SlurmLauncher:
         """The jobs of `units` still queued or running: by the ids the study recorded, and by job name for a job
         submitted just before the study stopped (its id not yet recorded)."""
         recorded = {attempt["job_id"]: unit for unit in units for attempt in self.attempts(unit)[-1:]}
-        live = {job: unit for job, unit in recorded.items()
-                if slurm.queued_states(list(recorded)).get(job) in slurm.LIVE_STATES} if recorded else {}
+        states = slurm.queued_states(list(recorded))
+        live = {job: unit for job, unit in recorded.items() if states.get(job) in slurm.LIVE_STATES}
         names = {job_name(self.study_id, unit): unit for unit in units}
         for job, name in slurm.queued_by_name(set(names)).items():
             unit = names[name]

@@ -326,8 +326,7 @@ def sft_target_missed(record: dict) -> str | None:
     if target is None or not history or history[-1]["probe_greedy_accuracy"] >= target:
         return None
     return (f"the base model's fine-tuning ended at {100 * history[-1]['probe_greedy_accuracy']:.1f} % greedy "
-            f"accuracy on its probe after {history[-1]['step']} steps, below its sft_target of {100 * target:.0f} %: "
-            "its runs start from a base that rarely earns a reward")
+            f"accuracy on its probe after {history[-1]['step']} steps, below its sft_target of {100 * target:.0f} %")
 
 
 def check_sft_target(recipe: ArithmeticScratchRecipe, record_path: Path) -> None:
@@ -338,8 +337,9 @@ def check_sft_target(recipe: ArithmeticScratchRecipe, record_path: Path) -> None
     if recipe.require_sft_target:
         raise UsageError(f"{missed} ({record_path}); raise prepare.sft_steps or sft_lr and remove {record_path.name} "
                          "and base/ to fine-tune again, or set require_sft_target: false to go on.")
-    print(f"[study] warning: {missed}. Raise prepare.sft_steps or sft_lr, or set prepare.require_sft_target: true "
-          "to stop here.", flush=True)
+    print(f"[study] warning: {missed}; the arms train from it all the same (far below its target, a base rarely "
+          "earns a reward, and its runs rarely learn). Raise prepare.sft_steps or sft_lr, or set "
+          "prepare.require_sft_target: true to stop here.", flush=True)
 
 
 def prepare(recipe: ArithmeticScratchRecipe, root: Path, prompt_template: str, max_new_tokens: int) -> dict:

@@ -23,14 +23,19 @@ exit 0
 """
 
 
-def make_vllm_env(tmp_path, index_with_torch, **variables):
+def stand_in_python(tmp_path, index_with_torch: str):
+    """`(python, pip log, env)`: a stand-in interpreter recording what pip is asked, and the environment it needs."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN)
     stand_in.chmod(0o755)
     log = tmp_path / "pip.log"
-    env = {**os.environ, "PIP_LOG": str(log), "CPU_INDEX_HAS_TORCH": index_with_torch}
+    return stand_in, log, {**os.environ, "PIP_LOG": str(log), "CPU_INDEX_HAS_TORCH": index_with_torch}
+
+
+def make_vllm_env(tmp_path, index_with_torch, **variables):
+    stand_in, log, env = stand_in_python(tmp_path, index_with_torch)
     overrides = [f"{k}={v}" for k, v in {"PYTHON": stand_in, "VLLM_VENV": tmp_path / "venv", **variables}.items()]
     result = subprocess.run(["make", "-C", str(ROOT), str(tmp_path / "venv" / ".installed"), *overrides], env=env,
                             capture_output=True, text=True)
@@ -60,15 +65,8 @@ def test_a_given_index_is_used_alone(tmp_path):
                                                     "--index-url https://mirror.example/cpu"]
 
 
-
 def test_each_extra_trl_minor_gets_an_environment_built_as_venv_is_and_runs_the_trl_tests(tmp_path):
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    stand_in = tmp_path / "python"
-    stand_in.write_text(STAND_IN)
-    stand_in.chmod(0o755)
-    log = tmp_path / "pip.log"
-    env = {**os.environ, "PIP_LOG": str(log), "CPU_INDEX_HAS_TORCH": "unused"}
+    stand_in, log, env = stand_in_python(tmp_path, "unused")
     prefix = tmp_path / "venv-trl"
     overrides = [f"PYTHON={stand_in}", f"TRL_VENV_PREFIX={prefix}", "EXTRA_TRL_MINORS=1.14 1.17"]
     result = subprocess.run(["make", "-C", str(ROOT), "test-trl-versions", *overrides], env=env,

@@ -1,9 +1,10 @@
 """Write examples/notebooks/steering.ipynb (its source lives here so that it is reviewed as code).
 
     python benchmarks/steering/make_notebook.py
-    # saved outputs: the demo model's committed run, executed without recomputing it
-    TRL_THR_STEERING_RESULTS=$PWD/benchmarks/steering/dynamics-base jupyter nbconvert --to notebook --execute \
-        --inplace examples/notebooks/steering.ipynb
+    # saved outputs: benchmarks/steering/dynamics-base (the 0.59 M-parameter base model of docs/science.md's training
+    # study, not the SmolLM2 demo model), executed from its committed files without recomputing it
+    TRL_THR_STEERING_RESULTS=$PWD/benchmarks/steering/dynamics-base .venv/bin/jupyter execute --inplace \
+        examples/notebooks/steering.ipynb   # `jupyter execute` is nbclient's, in the dev extra
 """
 
 from pathlib import Path
@@ -56,7 +57,7 @@ print(f"{dynamics['batches']} batches of {dynamics['config']['groups_per_batch']
       f"normalize={dynamics['config']['normalize']}, |p| = {dynamics['config']['p']}")"""),
     new_markdown_cell("""## 1. What THR looks like on this model
 
-Over the groups that hold both a correct and an incorrect completion: how many tokens are *dominant* (|THR| above the threshold, the only tokens the THR arms keep), how THR's sign splits between correct and incorrect completions, and whether large |THR| goes with high entropy."""),
+Over the groups that hold both a correct and an incorrect completion: how many tokens are *dominant* (|THR| above the threshold, the only tokens the THR arms keep), how THR's sign splits between correct and incorrect completions, and whether large |THR| goes with high entropy, i.e. how far THR's choice of tokens is TRL's entropy mask (`top_entropy_quantile`). That depends on the model: on the 0.59 M scratch model of the saved outputs about 90 % of the top 20 % |THR| tokens are top-20 %-entropy tokens, on SmolLM2-135M-Instruct (arithmetic, 71 mixed groups) 37.6 ± 2.7 %, against 20 % by chance (`benchmarks/steering/overlap-smollm2/`)."""),
     new_code_cell("""import pandas as pd
 
 stats = analysis["statistics"]
@@ -67,7 +68,13 @@ display(pd.Series({f"threshold {k}": v for k, v in stats["dominant_fraction"].it
 display(pd.DataFrame(stats["by_correctness"]).T.round(4))
 overlap = stats["entropy_overlap"]
 print(f"top {100 * overlap['quantile']:g} % |THR| tokens that are also top-entropy tokens: "
-      f"{100 * overlap['overlap_frac']:.1f} % (chance {100 * overlap['chance_frac']:.1f} %)")"""),
+      f"{100 * overlap['overlap_frac']:.1f} % (chance {100 * overlap['chance_frac']:.1f} %)")
+if overlap.get("dominant_share") is not None:  # written by trl-thr analyze since both overlaps are reported
+    print(f"dominant tokens among the top {100 * overlap['quantile']:g} % by entropy (as thr/entropy_overlap counts "
+          f"them): {100 * overlap['dominant_share']:.1f} % (chance {100 * overlap['dominant_chance']:.1f} %)")
+for name, entry in overlap.get("per_group", {}).items():
+    if entry.get("ci95") is not None:
+        print(f"  {name}, mean over {entry['groups']} groups: {100 * entry['mean']:.1f} ± {100 * entry['ci95']:.1f} %")"""),
     new_markdown_cell("""## 2. One step per arm, from the same start
 
 Each arm takes one plain SGD step on the policy-gradient surrogate `-sum(w * A * log p) / N_tokens` with its token weights `w` (the trainer's own `weights_from_config`; GRPO: `w = 1`); the weights are restored between arms. Mean and standard error over batches:"""),
@@ -106,9 +113,9 @@ for arm, entry in dynamics["arms"].items():
 
 One step says which way an arm pushes; only training runs over paired seeds say where it ends up. This project's own studies, at CPU scale (a 0.6 M-parameter model, 200 steps, held-out Pass@K with n = 32), found:
 
-- **THR's mask is mostly TRL's entropy mask.** 88-98 % of THR's dominant tokens are among the 20 % of tokens with the highest entropy (`thr/entropy_overlap`, logged in every THR run), and `dominant-only` ended within 1.3 points of greedy accuracy and 0.5 of Pass@32 of `top_entropy_quantile 0.2` (16 seeds; 4.0 and 2.5 points would have been seen).
+- **On the scratch model, THR's mask is mostly TRL's entropy mask.** 88-98 % of THR's dominant tokens are among the 20 % of tokens with the highest entropy (`thr/entropy_overlap`, logged in every THR run), and `dominant-only` ended within 1.3 points of greedy accuracy and 0.5 of Pass@32 of `top_entropy_quantile 0.2` (16 seeds; 4.0 and 2.5 points would have been seen). That is a property of the toy: on SmolLM2-135M-Instruct, before training, 36.2 ± 3.3 % of THR's dominant tokens and 37.6 ± 2.7 % of its top 20 % by |THR| are top-20 %-entropy tokens (chance 20 %; docs/science.md section 6), so there the two masks pick mostly different tokens, and whether that changes what a run learns is not measured yet.
 - **No strategy or `p` differed detectably from GRPO** on greedy accuracy or Pass@32, on arithmetic or on linear equations (16 seeds each). `positive-amplify` minus `negative-amplify` on Pass@32 had the paper's sign on both tasks (-0.7 and -1.8 points) inside intervals that contain 0; a hint on the second task's first 8 seeds (-3.9) did not replicate on 8 more.
-- **`p` changes the rare runs**: entropy blow-ups at `p >= 0`, collapses (completions running to the length limit) at `p = -0.5`; the median run does not move.
+- **`p` changes the rare runs**: entropy blow-ups at `p >= 0`, collapses (completions running to the length limit) at `p = -0.5`. The median run hardly moves: its final entropy is 0.12-0.14 in every arm of the main task but `p = -0.5` without clipping (0.09).
 
 The paper's models are three orders of magnitude larger; measure on yours with `trl-thr study` (an `entropy20=thr_strategy:none,top_entropy_quantile:0.2` arm is the baseline to beat)."""),
 ]

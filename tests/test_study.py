@@ -356,7 +356,8 @@ def test_no_committed_file_holds_a_path_of_the_machine_that_made_it():
         data = (ROOT / name).read_bytes() if (ROOT / name).is_file() else b""
         if b"\0" in data[:8192]:  # a binary file: weights, images
             continue
-        offenders += [f"{name}: {match.group(0)}" for match in [absolute.search(data.decode(errors="ignore"))] if match]
+        found = absolute.search(data.decode(errors="ignore"))
+        offenders += [f"{name}: {found.group(0)}"] if found else []
     assert offenders == []
 
 
@@ -452,8 +453,8 @@ def test_a_base_below_its_sft_target_is_said_recorded_reported_and_refused_on_re
     said = capsys.readouterr().out.strip()
     assert said.startswith("[study] warning: the base model's fine-tuning ended at ") and \
         "% greedy accuracy on its probe after 2 steps, below its sft_target of 90 %" in said
-    strict = ArithmeticScratchRecipe.from_dict({**{k: getattr(recipe, k) for k in ("test_problems", "train_problems",
-                                                "sft_problems", "sft_steps", "sft_target")}, "require_sft_target": True})
+    kept = ("test_problems", "train_problems", "sft_problems", "sft_steps", "sft_target")
+    strict = ArithmeticScratchRecipe.from_dict({**{k: getattr(recipe, k) for k in kept}, "require_sft_target": True})
     with pytest.raises(UsageError, match="below its sft_target of 90 %.*set require_sft_target: false to go on"):
         check_sft_target(strict, tmp_path / "base.json")
     (tmp_path / "study.json").write_text(json.dumps({"design": {"arms": {}}, "seeds": [0, 1]}))
@@ -492,8 +493,9 @@ def fake_commands(arguments, log, children=None):
                                                                                                "reward": 0.5}]}))
     else:
         accuracy = {"math": 0.25, "aime": 0.125}[config["benchmark"]]
-        (out / f"{config['run_name']}.json").write_text(json.dumps({
-            "metrics": {"greedy_accuracy": accuracy, "pass@1": accuracy}, "config": {"benchmark": config["benchmark"]}}))
+        result = {"metrics": {"greedy_accuracy": accuracy, "pass@1": accuracy},
+                  "config": {"benchmark": config["benchmark"]}}
+        (out / f"{config['run_name']}.json").write_text(json.dumps(result))
     return 1.0
 
 

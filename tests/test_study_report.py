@@ -212,8 +212,9 @@ def test_every_arm_has_one_colour_on_every_panel_and_plot(tmp_path):
     """GRPO and the entropy arm log no thr/* metric: the THR panels leave them out and every other arm keeps its own
     colour there (matplotlib's colour cycle would shift them), the legend says which colour is which, and a metric
     logged at a single step is still drawn (a marker)."""
-    import matplotlib.figure
     from unittest.mock import patch
+
+    import matplotlib.figure
 
     records = [record(arm, seed, value) for seed, arms in GREEDY.items() for arm, value in arms.items()]
     for r in records:

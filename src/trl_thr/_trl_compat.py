@@ -437,7 +437,7 @@ def grpo_forward_parameters() -> set[str]:
     return set(inspect.signature(getattr(GRPOTrainer, LOG_PROB_FORWARD)).parameters)
 
 
-# ---- vLLM on a CPU ----------------------------------------------------------------------------------------------------
+# ---- vLLM on a CPU --------------------------------------------------------------------------------------------------
 
 
 def vllm_runs_on_cpu() -> bool:

@@ -304,7 +304,8 @@ def _summary_table(stats: dict) -> str:
         if overlap.get("dominant_share") is not None:
             rows.append((f"dominant tokens (anchor) that are also top {100 * overlap['quantile']:g} % entropy "
                          "(thr/entropy_overlap)",
-                         f"{100 * overlap['dominant_share']:.1f} % (chance: {100 * overlap['dominant_chance']:.1f} %)"))
+                         f"{100 * overlap['dominant_share']:.1f} % "
+                         f"(chance: {100 * overlap['dominant_chance']:.1f} %)"))
     body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 

@@ -26,8 +26,8 @@ from .study import (
     with_recipe_outputs,
 )
 from .study_launchers import LauncherConfig, make_launcher
-from .study_recipes import check_sft_target, parse_recipe
 from .study_locks import Held, acquire, blocking, describe
+from .study_recipes import check_sft_target, parse_recipe
 from .study_units import BASE, PREPARE, Unit, base_unit, prepare_unit, run_units, say, unit_provenance, units_of
 
 COORDINATOR_LOCK = "coordinator.lock"

@@ -306,7 +306,8 @@ def supervised_fine_tune(model_dir: Path, out_dir: Path, task: dict, recipe: Ari
     reached = history[-1]["probe_greedy_accuracy"] if history else None
     return {"steps": history[-1]["step"] if history else 0, "history": history,
             "seconds": round(time.time() - started, 1), "probe_greedy_accuracy": reached,
-            "target_reached": None if recipe.sft_target is None else reached is not None and reached >= recipe.sft_target}
+            "target_reached": None if recipe.sft_target is None else (reached is not None
+                                                                       and reached >= recipe.sft_target)}
 
 
 def recipe_outputs(recipe: ArithmeticScratchRecipe, root: Path) -> dict:

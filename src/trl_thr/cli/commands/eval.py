@@ -7,10 +7,10 @@
 Writes `<output_dir>/<run_name>.json` (per-problem samples, answers, correctness, metrics, and every setting that
 determines the generations), `.md` (a table) and `.png` (the Pass@K curve). `run_name` defaults to the model's
 directory name (with the one above it where that is `model`, `final` or `checkpoint-N`: runs/grpo-s0/model gives
-`grpo-s0-model-<benchmark>`) and the benchmark's; a result another model wrote under that name is never replaced. Generations are cached under
-`<output_dir>/cache`, keyed on the content of the weights (and adapter) files, dtype, backend, template, sampling
-settings, seed, max tokens and problem set, so an interrupted run resumes instead of starting over and a changed
-checkpoint is never served old samples.
+`grpo-s0-model-<benchmark>`) and the benchmark's; a result another model wrote under that name is never replaced.
+Generations are cached under `<output_dir>/cache`, keyed on the content of the weights (and adapter) files, dtype,
+backend, template, sampling settings, seed, max tokens and problem set, so an interrupted run resumes instead of
+starting over and a changed checkpoint is never served old samples.
 """
 
 import re
@@ -194,7 +194,8 @@ def run_name(args) -> str:
     if args.run_name:
         return args.run_name
     path = Path(args.adapter_name_or_path or args.model_name_or_path)
-    model = f"{path.parent.name}-{path.name}" if GENERIC_MODEL_DIRS.match(path.name) and path.parent.name else path.name
+    generic = GENERIC_MODEL_DIRS.match(path.name) and path.parent.name
+    model = f"{path.parent.name}-{path.name}" if generic else path.name
     return f"{model}-{Path(args.benchmark).stem}".replace(":", "-")
 
 

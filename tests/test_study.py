@@ -572,3 +572,23 @@ def test_every_recipe_and_launcher_field_is_documented():
     slurm_section = text.split("## `trl-thr study` on a SLURM cluster")[1].split("\n## ")[0]
     assert [name for name in LauncherConfig.field_names() if name not in ("type", "workers")
             and f"`{name}`" not in slurm_section] == []
+
+
+def test_a_run_held_by_a_worker_of_another_machine_is_named_with_its_holder_and_the_rest_is_reported(tmp_path):
+    """A lock written on another machine is never taken over: the study does every other run, writes the report, and
+    ends naming the run, its holder and the file to delete once that worker is gone (not exit 0 with a silent gap)."""
+    from trl_thr.cli.study_coordinator import run_study
+
+    config = yaml.safe_load(TINY_STUDY.read_text())
+    study = Study(train=config["train"], arms=parse_arms(["grpo"]), seeds=[0, 1],
+                  evals={"": {"benchmark": "math"}}, reference_arm="grpo")
+    root = tmp_path / "study"
+    lock_of(root / "runs" / "grpo-s1", host="another-machine", pid=4242, since=time.time() - 3600)
+    with patch("trl_thr.cli.study_units.run_command", side_effect=fake_commands):
+        with pytest.raises(RuntimeError) as stopped:
+            run_study(study, root)
+    message = str(stopped.value)
+    assert message.startswith("1 unit(s) did not finish: grpo-s1 (skipped: ") and "process 4242 on another-machine" \
+        in message and f"if that worker is gone, delete {root / 'runs' / 'grpo-s1' / 'lock'}" in message
+    assert (root / "records" / "grpo-s0.json").exists() and not (root / "records" / "grpo-s1.json").exists()
+    assert json.loads((root / "results.json").read_text())["missing_runs"] == ["grpo-s1"]
